@@ -1,0 +1,206 @@
+"""Teach ``NeMoAutoModelForCausalLM`` to build heterogeneous (Puzzletron "AnyModel") checkpoints.
+
+After :func:`apply_patch`::
+
+    NeMoAutoModelForCausalLM.from_pretrained(path, anymodel_descriptor="llama",
+                                             block_configs_path=None, ...)
+    NeMoAutoModelForCausalLM.from_config(config, anymodel_descriptor="llama", ...)
+
+build the model under ModelOpt's ``deci_x_patcher`` so each decoder layer gets its own
+block config (KV heads, FFN width, no-op attention/FFN). Everything else, sharding included,
+is AutoModel's own ``from_pretrained`` / ``from_config``: the patch only wraps them.
+
+Three things make that work in a real recipe:
+
+* The wrappers are installed as ``classmethod`` objects, so ``NeMoAutoModelForCausalLM.from_pretrained``
+  stays equal to itself across attribute accesses. ``train_ft.build_model`` compares the config's
+  ``_target_`` with it to decide whether to hand the model its ``distributed_setup``; a wrapper that
+  breaks that comparison trains an unsharded student without a word.
+* ``force_hf=True``: AutoModel has its own Llama/Qwen3 implementations, but ModelOpt patches the
+  Hugging Face decoder layer classes.
+* Multi-rank loading reads weights with DCP from the checkpoint directory and does not follow the
+  index into ModelOpt's ``subblocks_safetensors/`` folder, so the base-weight loader is pointed at
+  that folder when the checkpoint has ModelOpt's layout.
+"""
+
+import json
+import os
+from functools import wraps
+from pathlib import Path
+
+from nemo_automodel import NeMoAutoModelForCausalLM
+from nemo_automodel.components.checkpoint.checkpointing import Checkpointer
+
+from modelopt.torch.puzzletron.anymodel import (
+    ModelDescriptorFactory,
+    deci_x_patcher,
+    resolve_descriptor_from_pretrained,
+)
+from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
+
+SUBBLOCKS_DIR = "subblocks_safetensors"
+BLOCK_CONFIGS_FILE = "block_configs.json"
+# Older ModelOpt docs and configs use these names for what 0.47 registers under another.
+DESCRIPTOR_ALIASES = {"gpt_oss_20b": "gpt_oss"}
+
+_saved: dict[str, object] = {}  # what apply_patch replaced, restored by remove_patch
+_impl: dict[str, object] = {}  # the functions the wrappers call
+
+
+class AnyModelError(ValueError):
+    """Bad ``anymodel_descriptor`` or block configs; the message says what to fix."""
+
+
+def descriptor_names() -> list[str]:
+    return sorted([*ModelDescriptorFactory.CLASS_MAPPING, *DESCRIPTOR_ALIASES, "auto"])
+
+
+def resolve_descriptor(name: str, checkpoint: str | os.PathLike | None = None):
+    """Map a descriptor name (a registered one, an alias, or ``auto``) to ModelOpt's descriptor class."""
+    if name == "auto":
+        if checkpoint is None:
+            raise AnyModelError("anymodel_descriptor=auto needs a checkpoint path to read model_type from")
+        try:
+            return resolve_descriptor_from_pretrained(str(checkpoint))
+        except ValueError as e:
+            raise AnyModelError(f"anymodel_descriptor=auto: {e}; set one of {descriptor_names()}") from None
+    name = DESCRIPTOR_ALIASES.get(name, name)
+    if name not in ModelDescriptorFactory.CLASS_MAPPING:
+        raise AnyModelError(f"unknown anymodel_descriptor {name!r}; valid names: {', '.join(descriptor_names())}")
+    return ModelDescriptorFactory.get(name)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnyModelError(f"{path} is not valid JSON ({e}); fix or regenerate the file") from None
+
+
+def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path: str | os.PathLike | None,
+                       num_hidden_layers: int | None) -> list[dict] | None:
+    """Per-layer block configs, from the first source that has them.
+
+    Order: ``block_configs_path``; ``<checkpoint>/block_configs.json``; ``config.json["block_configs"]``
+    (where ModelOpt's ``save_checkpoint`` writes them). ``None`` means a homogeneous model.
+    Raises :class:`AnyModelError` for invalid JSON, a non-list, a layer count that differs from
+    ``num_hidden_layers``, or fields ModelOpt's ``BlockConfig`` does not know.
+    """
+    sources = []
+    if block_configs_path is not None:
+        path = Path(block_configs_path)
+        if not path.is_file():
+            raise AnyModelError(f"block_configs_path {path} does not exist; pass the JSON file with one entry per layer")
+        sources.append(path)
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        sources += [Path(checkpoint) / BLOCK_CONFIGS_FILE, Path(checkpoint) / "config.json"]
+
+    for path in sources:
+        if not path.is_file():
+            continue
+        data = _read_json(path)
+        if path.name == "config.json":
+            data = data.get("block_configs")
+            if data is None:
+                continue
+        if not isinstance(data, list):
+            raise AnyModelError(f"{path}: block configs must be a JSON list with one entry per layer, got {type(data).__name__}")
+        if num_hidden_layers is not None and len(data) != num_hidden_layers:
+            raise AnyModelError(
+                f"{path}: {len(data)} block configs for a model with num_hidden_layers={num_hidden_layers}; "
+                "give exactly one entry per layer"
+            )
+        try:
+            maybe_cast_block_configs(data)
+        except Exception as e:
+            raise AnyModelError(f"{path}: invalid block config ({e})") from None
+        return data
+    return None
+
+
+def _num_hidden_layers(config) -> int | None:
+    return getattr(getattr(config, "text_config", config), "num_hidden_layers", None)
+
+
+def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
+    descriptor_name = kwargs.pop("anymodel_descriptor", None)
+    block_configs_path = kwargs.pop("block_configs_path", None)
+    if descriptor_name is None:
+        if block_configs_path is not None:
+            raise AnyModelError("block_configs_path is set but anymodel_descriptor is not; set model.anymodel_descriptor")
+        return original(cls, config_source, *args, **kwargs)
+
+    descriptor = resolve_descriptor(descriptor_name, checkpoint)
+    if isinstance(config_source, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(config_source, trust_remote_code=kwargs.get("trust_remote_code", False))
+    else:
+        hf_config = config_source
+    block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config))
+    kwargs["force_hf"] = True
+    with deci_x_patcher(descriptor, block_configs):
+        model = original(cls, config_source, *args, **kwargs)
+    if block_configs is not None:
+        # Saved checkpoints must rebuild the same layers without the side file.
+        for part in getattr(model, "parts", [model]):
+            getattr(part, "config", hf_config).block_configs = block_configs
+    return model
+
+
+def _from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    return _build_anymodel(_impl["from_pretrained"], cls, pretrained_model_name_or_path, args, kwargs,
+                           checkpoint=pretrained_model_name_or_path)
+
+
+def _from_config(cls, config, *args, **kwargs):
+    checkpoint = config if isinstance(config, (str, os.PathLike)) else getattr(config, "name_or_path", None) or None
+    return _build_anymodel(_impl["from_config"], cls, config, args, kwargs, checkpoint=checkpoint)
+
+
+def anymodel_weights_dir(model_name: str | os.PathLike) -> str | os.PathLike:
+    """The folder DCP must read: ModelOpt's ``subblocks_safetensors/`` when the index points there."""
+    index = Path(model_name) / "model.safetensors.index.json"
+    if index.is_file() and (Path(model_name) / SUBBLOCKS_DIR).is_dir():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        if files and all(f.startswith(SUBBLOCKS_DIR + "/") for f in files):
+            return str(Path(model_name) / SUBBLOCKS_DIR)
+    return model_name
+
+
+def _load_base_model(self, model, device, root_dir, model_name, load_base_model=True):
+    if load_base_model and model_name is not None and os.path.isdir(model_name):
+        model_name = anymodel_weights_dir(model_name)
+    return _impl["load_base_model"](self, model, device, root_dir, model_name, load_base_model)
+
+
+def is_applied() -> bool:
+    return bool(_saved)
+
+
+def apply_patch() -> None:
+    """Install the wrappers. Idempotent."""
+    if is_applied():
+        return
+    for name in ("from_pretrained", "from_config"):
+        # None: the class inherits it from AutoModel's base class, and removal deletes ours.
+        _saved[name] = NeMoAutoModelForCausalLM.__dict__.get(name)
+        _impl[name] = getattr(NeMoAutoModelForCausalLM, name).__func__
+    _saved["load_base_model"] = _impl["load_base_model"] = Checkpointer.load_base_model
+    NeMoAutoModelForCausalLM.from_pretrained = classmethod(wraps(_impl["from_pretrained"])(_from_pretrained))
+    NeMoAutoModelForCausalLM.from_config = classmethod(wraps(_impl["from_config"])(_from_config))
+    Checkpointer.load_base_model = wraps(_impl["load_base_model"])(_load_base_model)
+
+
+def remove_patch() -> None:
+    """Restore exactly what :func:`apply_patch` replaced. Idempotent."""
+    if not is_applied():
+        return
+    for name in ("from_pretrained", "from_config"):
+        if _saved[name] is None:
+            delattr(NeMoAutoModelForCausalLM, name)
+        else:
+            setattr(NeMoAutoModelForCausalLM, name, _saved[name])
+    Checkpointer.load_base_model = _saved["load_base_model"]
+    _saved.clear()
+    _impl.clear()

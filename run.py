@@ -1,0 +1,153 @@
+"""Entry point: distill (``--mode kd``) or train (``--mode pretrain``) AnyModel checkpoints with AutoModel.
+
+    torchrun --nproc_per_node=2 -m run --mode kd -c kd.yaml \\
+        model.pretrained_model_name_or_path=/ckpts/student model.anymodel_descriptor=llama \\
+        teacher_model.pretrained_model_name_or_path=/ckpts/teacher
+
+Overrides take any of the forms ``a.b=v``, ``--a.b=v`` and ``--a.b v``; values are read as YAML
+scalars (``null``, ``true``, ``1e-5``, ``[0.9, 0.95]``). Works under ``torchrun`` and as plain
+``python -m run`` (one process).
+"""
+
+import difflib
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
+USAGE = "usage: python -m run --mode {kd,pretrain} [-c CONFIG] [key=value | --key=value | --key value ...]"
+# Keys that must name a checkpoint before anything is built, per mode.
+REQUIRED_PATHS = {
+    "kd": ("model.pretrained_model_name_or_path", "teacher_model.pretrained_model_name_or_path"),
+    "pretrain": ("model.pretrained_model_name_or_path",),
+}
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the config; the message says how to fix it."""
+
+
+def parse_argv(argv: list[str]) -> tuple[str, Path, list[tuple[str, str]]]:
+    """Split the command line into ``(mode, config_path, [(dotted_key, raw_value), ...])``."""
+    mode, config, overrides = None, None, []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, inline = token.partition("=")
+        if flag in ("--mode", "-c", "--config"):
+            if eq:
+                value = inline
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise UsageError(f"{flag} needs a value")
+            if flag == "--mode":
+                mode = value
+            else:
+                config = value
+        elif token.startswith("--"):
+            key = flag[2:]
+            if eq:
+                overrides.append((key, inline))
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                overrides.append((key, argv[i]))
+            else:
+                overrides.append((key, "true"))
+        elif eq and flag:
+            overrides.append((flag, inline))
+        else:
+            raise UsageError(f"unexpected argument {token!r}; overrides look like key.subkey=value")
+        i += 1
+
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
+    config_path = Path(config) if config is not None else HERE / MODES[mode]
+    if not config_path.is_file():
+        raise UsageError(f"config file {config_path} does not exist; pass -c PATH to a YAML config")
+    return mode, config_path, overrides
+
+
+def parse_value(raw: str):
+    """A YAML scalar, or the string itself where YAML reads it as one (AutoModel then reads ``1e-5``)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, prefix + key + ".")
+    return keys
+
+
+def load_config(config_path: Path, overrides: list[tuple[str, str]]):
+    """Load the YAML with AutoModel's loader and apply the overrides, warning on keys it lacks."""
+    from nemo_automodel.components.config.loader import load_yaml_config
+
+    try:
+        cfg = load_yaml_config(str(config_path))
+    except yaml.YAMLError as e:
+        raise UsageError(f"{config_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    known = _dotted_keys(cfg.raw_config)
+    for key, raw in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            print(f"warning: override {key} is not in {config_path.name}, adding it{hint}", file=sys.stderr)
+        cfg.set_by_dotted(key, parse_value(raw))
+    return cfg
+
+
+def check_required(cfg, mode: str) -> None:
+    for key in REQUIRED_PATHS[mode]:
+        if cfg.get(key) is None:
+            raise UsageError(f"{key} is not set; pass {key}=/path/to/checkpoint")
+
+
+def main(argv: list[str] | None = None) -> None:
+    mode, config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    import patch_automodel
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        import cpu_support
+
+        cpu_support.apply()
+    # Before the config is loaded: `_target_` resolves to the patched from_pretrained there.
+    patch_automodel.apply_patch()
+
+    # AutoModel resolves `_target_` only in allowlisted or already-imported modules.
+    import loss  # noqa: F401
+
+    cfg = load_config(config_path, overrides)
+    check_required(cfg, mode)
+    if on_cpu:
+        cpu_support.use_gloo(cfg)
+
+    if mode == "kd":
+        from recipe import KnowledgeDistillationRecipeForNextTokenPrediction as Recipe
+    else:
+        from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction as Recipe
+
+    recipe = Recipe(cfg)
+    recipe.setup()
+    recipe.run_train_validation_loop()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"run.py: error: {e}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)

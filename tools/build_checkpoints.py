@@ -1,0 +1,162 @@
+"""Build tiny, real checkpoints for the demo and the tests: a teacher and a heterogeneous student.
+
+The student is a Puzzletron-style AnyModel checkpoint: its per-layer block configs drop attention
+in one layer, keep fewer KV heads in others and vary the FFN width. It is written with ModelOpt's
+own saver (``config.json["block_configs"]`` + ``subblocks_safetensors/`` + index), so it is exactly
+what a Puzzletron pipeline hands to distillation. The teacher is a plain Hugging Face checkpoint.
+Both carry a byte-level BPE tokenizer trained on English text that ships with every CPython
+(``pydoc_data``), so nothing is downloaded.
+
+    python -m tools.build_checkpoints --out demo_out/ckpts --arch llama
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
+from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+# Small enough to train in seconds on 2 CPU cores; head_dim 16 keeps RoPE and SDPA realistic.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3"}
+
+
+def english_corpus() -> list[str]:
+    """Paragraphs of the Python reference manual: real English text on every machine with Python."""
+    from pydoc_data.topics import topics
+
+    return [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.strip()) > 40]
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :func:`english_corpus`."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(english_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def student_block_configs(num_layers: int, num_kv_heads: int, intermediate_size: int) -> list[dict]:
+    """Per-layer configs a Puzzletron search could return: every layer differs from the teacher."""
+    assert num_layers == 4, "the hand-picked pattern below is for 4 layers"
+    return [
+        {"attention": {"no_op": False, "num_key_value_heads": num_kv_heads}, "ffn": {"no_op": False, "intermediate_size": intermediate_size}},
+        {"attention": {"no_op": False, "num_key_value_heads": 2}, "ffn": {"no_op": False, "intermediate_size": intermediate_size // 2}},
+        {"attention": {"no_op": True}, "ffn": {"no_op": False, "intermediate_size": intermediate_size}},
+        {"attention": {"no_op": False, "num_key_value_heads": 1}, "ffn": {"no_op": False, "intermediate_size": intermediate_size // 3}},
+    ]
+
+
+def make_config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, **overrides):
+    cfg = AutoConfig.for_model(
+        MODEL_TYPES[arch],
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **{**TINY, **overrides},
+    )
+    if arch == "qwen3":
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return cfg
+
+
+def build_student_model(config, descriptor_name: str, block_configs: list[dict], seed: int):
+    torch.manual_seed(seed)
+    descriptor = ModelDescriptorFactory.get(descriptor_name)
+    with deci_x_patcher(descriptor, block_configs):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.config.block_configs = block_configs
+    return model
+
+
+def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[str, Path]:
+    """Write ``<out>/teacher`` (HF layout) and ``<out>/student`` (ModelOpt AnyModel layout).
+
+    Returns the two paths. Deterministic for a given ``seed``.
+    """
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    vocab_size = len(tokenizer)
+
+    teacher_dir, student_dir = out / "teacher", out / "student"
+    torch.manual_seed(seed)
+    teacher = AutoModelForCausalLM.from_config(make_config(arch, vocab_size, tokenizer), torch_dtype=torch.float32)
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
+    student = build_student_model(make_config(arch, vocab_size, tokenizer), arch, blocks, seed + 1)
+    save_checkpoint(student, student_dir, ModelDescriptorFactory.get(arch))
+    tokenizer.save_pretrained(student_dir)
+    return {"teacher": teacher_dir, "student": student_dir}
+
+
+def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int = 32, seed: int = 0) -> Path:
+    """SQuAD-format JSON lines (``train.jsonl``, ``validation.jsonl``) built from :func:`english_corpus`.
+
+    ``load_dataset(<dir>)`` reads this directory, so ``dataset.dataset_name=<dir>`` switches
+    AutoModel's ``make_squad_dataset`` to local data. Answers are spans of the context, as in SQuAD.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paragraphs = [p for p in english_corpus() if 200 < len(p) < 600]
+    order = torch.randperm(len(paragraphs), generator=g).tolist()
+    rows = []
+    for i in order[: n_train + n_val]:
+        context = paragraphs[i]
+        words = context.split()
+        start = int(torch.randint(0, max(1, len(words) - 4), (1,), generator=g))
+        answer = " ".join(words[start : start + 3])
+        question = "Which words follow: " + " ".join(words[max(0, start - 3) : start]) + "?"
+        rows.append({"id": str(i), "title": "python", "context": context, "question": question,
+                     "answers": {"text": [answer], "answer_start": [context.find(answer)]}})
+    for name, part in (("train", rows[:n_train]), ("validation", rows[n_train:])):
+        with open(out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory to write teacher/, student/ and data/ into")
+    parser.add_argument("--arch", default="llama", choices=sorted(MODEL_TYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    paths = build(args.out, args.arch, args.seed)
+    data = write_squad_like_data(Path(args.out) / "data", seed=args.seed)
+    for name, path in {**paths, "data": data}.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
