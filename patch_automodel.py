@@ -25,6 +25,7 @@ Three things make that work in a real recipe:
 
 import json
 import os
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -111,9 +112,12 @@ def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path:
                 "give exactly one entry per layer"
             )
         try:
-            maybe_cast_block_configs(data)
+            # ModelOpt drops unknown fields with a warning; a typo must not silently change the model.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                maybe_cast_block_configs(data)
         except Exception as e:
-            raise AnyModelError(f"{path}: invalid block config ({e})") from None
+            raise AnyModelError(f"{path}: invalid block config ({e}); see modelopt.torch.puzzletron.block_config") from None
         return data
     return None
 

@@ -3,6 +3,10 @@
 from nemo_automodel.recipes.llm import kd
 
 
+class KDConfigError(ValueError):
+    """A KD setting that cannot train; the message names the key and the fix."""
+
+
 class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillationRecipeForNextTokenPrediction):
     """AutoModel's KD recipe (its loop, PP teacher, logging and checkpointing), plus:
 
@@ -21,10 +25,10 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
 
 
 def check_kd_config(cfg) -> None:
-    """Raise ``ValueError`` naming the key and the fix for a KD setting that cannot train."""
+    """Raise :class:`KDConfigError` for a KD setting that cannot train."""
     kd_ratio = cfg.get("kd_ratio", 0.5)
     if not isinstance(kd_ratio, (int, float)) or not 0.0 <= float(kd_ratio) <= 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio!r} must be a number in [0, 1] (0: CE only, 1: KD only)")
+        raise KDConfigError(f"kd_ratio={kd_ratio!r} must be a number in [0, 1] (0: CE only, 1: KD only)")
     temperature = cfg.get("kd_loss_fn.temperature", 1.0)
     if not isinstance(temperature, (int, float)) or float(temperature) <= 0.0:
-        raise ValueError(f"kd_loss_fn.temperature={temperature!r} must be a number > 0 (1.0 is the usual choice)")
+        raise KDConfigError(f"kd_loss_fn.temperature={temperature!r} must be a number > 0 (1.0 is the usual choice)")

@@ -112,9 +112,8 @@ def check_required(cfg, mode: str) -> None:
             raise UsageError(f"{key} is not set; pass {key}=/path/to/checkpoint")
 
 
-def main(argv: list[str] | None = None) -> None:
-    mode, config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
-
+def setup_runtime() -> bool:
+    """Patch AutoModel for AnyModel checkpoints and, without CUDA, for the CPU. Returns ``on_cpu``."""
     import torch
 
     import patch_automodel
@@ -124,22 +123,43 @@ def main(argv: list[str] | None = None) -> None:
         import cpu_support
 
         cpu_support.apply()
-    # Before the config is loaded: `_target_` resolves to the patched from_pretrained there.
     patch_automodel.apply_patch()
-
     # AutoModel resolves `_target_` only in allowlisted or already-imported modules.
     import loss  # noqa: F401
 
+    return on_cpu
+
+
+def prepare(argv: list[str]):
+    """Everything before the recipe: returns ``(recipe_class, cfg)``. Raises :class:`UsageError`."""
+    mode, config_path, overrides = parse_argv(argv)
+    on_cpu = setup_runtime()
+    # After the patch: the config's `_target_` must resolve to the patched from_pretrained.
     cfg = load_config(config_path, overrides)
     check_required(cfg, mode)
     if on_cpu:
+        import cpu_support
+
         cpu_support.use_gloo(cfg)
 
     if mode == "kd":
         from recipe import KnowledgeDistillationRecipeForNextTokenPrediction as Recipe
     else:
         from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction as Recipe
+    return Recipe, cfg
 
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """Errors that mean "fix your input": printed as one line, exit code 2, no traceback."""
+    types = [UsageError]
+    for module, name in (("patch_automodel", "AnyModelError"), ("recipe", "KDConfigError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
+def main(argv: list[str] | None = None) -> None:
+    Recipe, cfg = prepare(sys.argv[1:] if argv is None else argv)
     recipe = Recipe(cfg)
     recipe.setup()
     recipe.run_train_validation_loop()
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as e:
-        print(f"run.py: error: {e}\n{USAGE}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, user_error_types()):
+            raise
+        print(f"run.py: error: {e}" + (f"\n{USAGE}" if isinstance(e, UsageError) else ""), file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny real checkpoints (built once per session) and a 2-process launcher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.build_checkpoints import build, write_squad_like_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """``{"llama": {"teacher", "student"}, "qwen3": {...}, "data": dir}``: teacher in HF layout,
+    heterogeneous student in ModelOpt's AnyModel layout, SQuAD-format local data."""
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {arch: build(root / arch, arch) for arch in ("llama", "qwen3")}
+    out["data"] = write_squad_like_data(root / "data")
+    return out
+
+
+def checkpoint_tensors(path) -> dict:
+    """Every tensor of a safetensors checkpoint, following its index into subfolders if it has one."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    return {k: v for f in sorted(files) for k, v in load_file(path / f).items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None):
+    """Run ``python -m torch.distributed.run --nproc_per_node=N <args>`` from the repo root on CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: bool = True) -> list[str]:
+    """The overrides that point kd.yaml (``teacher=True``) or pretrain.yaml at the tiny
+    checkpoints and local data, in fp32."""
+    paths = ckpts[arch]
+    teacher_args = [
+        f"teacher_model.pretrained_model_name_or_path={paths['teacher']}",
+        "teacher_model.torch_dtype=float32",
+    ]
+    return [
+        f"model.pretrained_model_name_or_path={paths['student']}",
+        f"model.anymodel_descriptor={arch}",
+        "model.torch_dtype=float32",
+        *(teacher_args if teacher else []),
+        f"dataset.dataset_name={ckpts['data']}",
+        f"validation_dataset.dataset_name={ckpts['data']}",
+        f"step_scheduler.max_steps={steps}",
+        "step_scheduler.global_batch_size=4",
+        "step_scheduler.local_batch_size=2",
+        f"step_scheduler.val_every_steps={steps}",
+        f"checkpoint.checkpoint_dir={out_dir}",
+    ]

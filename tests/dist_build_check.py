@@ -1,0 +1,54 @@
+"""Run under torchrun by tests/test_distributed.py: set up the real recipe, then report how the
+student and teacher were built. Usage: dist_build_check.py OUT_DIR <run.py arguments...>
+
+Each rank writes ``OUT_DIR/rank<N>.json`` with, per model, whether every parameter is a DTensor
+and the largest difference between its full (unsharded) value and the tensor on disk.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+from conftest import checkpoint_tensors  # noqa: E402
+
+
+def describe(parts, checkpoint) -> dict:
+    on_disk = checkpoint_tensors(checkpoint)
+    params = {n: p for part in parts for n, p in part.named_parameters()}
+    diffs = {}
+    for name, p in params.items():
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        diffs[name] = (full.detach().float() - on_disk[name].float()).abs().max().item()
+    return {
+        "all_dtensor": all(isinstance(p, DTensor) for p in params.values()),
+        "placements": sorted({str(p.placements) for p in params.values() if isinstance(p, DTensor)}),
+        "max_abs_diff": max(diffs.values()),
+        "names": sorted(params),
+        "frozen": all(not p.requires_grad for p in params.values()),
+    }
+
+
+def main():
+    out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    Recipe, cfg = run.prepare(argv)
+    recipe = Recipe(cfg)
+    recipe.setup()
+    report = {"student": describe(recipe.model_parts, cfg.get("model.pretrained_model_name_or_path"))}
+    teacher = getattr(recipe, "teacher_model", None)
+    if teacher is not None:
+        parts = teacher.parts if hasattr(teacher, "parts") else [teacher]
+        report["teacher"] = describe(parts, cfg.get("teacher_model.pretrained_model_name_or_path"))
+        report["teacher"]["eval"] = all(not p.training for p in parts)
+    rank = torch.distributed.get_rank()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The real recipe on 2 CPU processes (gloo): how models are built, and end-to-end training runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+
+PARALLELISMS = {
+    "fsdp2_dp2": [],
+    "tp2": ["distributed.tp_size=2"],
+    "pp2": ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=1",
+            "step_scheduler.local_batch_size=2", "step_scheduler.global_batch_size=2"],
+}
+
+
+def build_report(ckpts, arch, tmp_path, extra):
+    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
+                       *tiny_overrides(ckpts, arch, tmp_path / "ckpt"), *extra])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fsdp2_student_and_teacher_are_sharded_and_hold_the_checkpoint_weights(ckpts, arch, tmp_path):
+    for rank in build_report(ckpts, arch, tmp_path, PARALLELISMS["fsdp2_dp2"]):
+        for model in ("student", "teacher"):
+            assert rank[model]["all_dtensor"], f"{model} was not sharded by the recipe's distributed_setup"
+            assert rank[model]["placements"] == ["(Shard(dim=0),)"]
+            assert rank[model]["max_abs_diff"] == 0.0
+        assert not rank["student"]["frozen"]
+        assert rank["teacher"]["frozen"] and rank["teacher"]["eval"]
+
+
+@pytest.mark.parametrize("parallelism", ["tp2", "pp2"])
+def test_modelopt_layout_loads_on_every_rank(ckpts, tmp_path, parallelism):
+    ranks = build_report(ckpts, "llama", tmp_path, PARALLELISMS[parallelism])
+    for model, key in (("student", "student"), ("teacher", "teacher")):
+        assert all(r[model]["max_abs_diff"] == 0.0 for r in ranks)
+        names = set().union(*(r[model]["names"] for r in ranks))
+        assert names == set(checkpoint_tensors(ckpts["llama"][key])), "a stage lost or invented weights"
+    if parallelism == "pp2":
+        assert set(ranks[0]["student"]["names"]).isdisjoint(ranks[1]["student"]["names"])
+    else:
+        assert any("Shard(dim=1)" in p for p in ranks[0]["student"]["placements"]), "TP did not shard"
+
+
+def assert_trained(out_dir, steps, kd=True):
+    rows = read_jsonl(out_dir / "training.jsonl")
+    assert [r["step"] for r in rows] == list(range(steps))
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        if kd:
+            assert math.isfinite(r["kd_loss"]) and r["kd_loss"] >= 0
+            # The recipe mixes the two terms with kd_ratio.
+            expected = (1 - r["kd_ratio"]) * r["ce_loss"] + r["kd_ratio"] * r["kd_loss"]
+            assert r["loss"] == pytest.approx(expected, rel=1e-4)
+    val = read_jsonl(out_dir / "validation.jsonl")
+    assert val and all(math.isfinite(v["val_loss"]) for v in val)
+
+
+def test_kd_fsdp2_two_ranks_trains_and_logs_every_step(ckpts, tmp_path):
+    out = tmp_path / "kd"
+    result = torchrun(["-m", "run", "--mode", "kd", "-c", "kd.yaml", *tiny_overrides(ckpts, "llama", out, steps=4)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_trained(out, 4)
+    assert "| kd_loss " in result.stderr + result.stdout
+
+
+def test_pretrain_two_ranks_trains_the_heterogeneous_student(ckpts, tmp_path):
+    out = tmp_path / "pretrain"
+    result = torchrun(["-m", "run", "--mode", "pretrain", *tiny_overrides(ckpts, "llama", out, teacher=False)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_trained(out, 3, kd=False)
+
+
+def test_kd_runs_as_a_single_plain_python_process(ckpts, tmp_path):
+    out = tmp_path / "single"
+    result = subprocess.run([sys.executable, "-m", "run", "--mode", "kd", *tiny_overrides(ckpts, "llama", out, steps=2)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_trained(out, 2)

@@ -1,0 +1,133 @@
+"""run.py: modes, the three override forms, YAML values, and one-line errors for bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import run
+from conftest import REPO
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "run", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_all_three_override_forms_are_collected():
+    mode, config, overrides = run.parse_argv(
+        ["--mode", "kd", "kd_ratio=0.9", "--optimizer.lr=1e-4", "--step_scheduler.max_steps", "7"])
+    assert mode == "kd" and config == run.HERE / "kd.yaml"
+    assert overrides == [("kd_ratio", "0.9"), ("optimizer.lr", "1e-4"), ("step_scheduler.max_steps", "7")]
+
+
+def test_mode_and_config_accept_equals_form_and_default_per_mode():
+    assert run.parse_argv(["--mode=pretrain"])[1] == run.HERE / "pretrain.yaml"
+    assert run.parse_argv(["--mode", "kd", "--config=pretrain.yaml"])[1].name == "pretrain.yaml"
+    assert run.parse_argv(["-c", "kd.yaml", "--mode", "kd"])[1].name == "kd.yaml"
+
+
+def test_overrides_are_applied_as_yaml_scalars():
+    _, config, overrides = run.parse_argv([
+        "--mode", "kd", "kd_ratio=0.9", "optimizer.lr=1e-4", "--step_scheduler.max_steps", "7",
+        "model.block_configs_path=null", "optimizer.betas=[0.8, 0.9]", "distributed.sequence_parallel=true",
+        "model.anymodel_descriptor=llama"])
+    cfg = run.load_config(config, overrides)
+    assert cfg.get("kd_ratio") == 0.9
+    assert cfg.get("optimizer.lr") == 1e-4
+    assert cfg.get("step_scheduler.max_steps") == 7
+    assert cfg.get("model.block_configs_path") is None
+    assert list(cfg.get("optimizer.betas")) == [0.8, 0.9]
+    assert cfg.get("distributed.sequence_parallel") is True
+    assert cfg.get("model.anymodel_descriptor") == "llama"
+
+
+def test_unknown_key_warns_with_the_closest_existing_key(capsys):
+    cfg = run.load_config(run.HERE / "kd.yaml", [("optimzer.lr", "0.1")])
+    assert "override optimzer.lr is not in kd.yaml" in capsys.readouterr().err
+    assert cfg.get("optimzer.lr") == 0.1
+
+
+def test_unknown_key_hint_names_the_nearest_key(capsys):
+    run.load_config(run.HERE / "kd.yaml", [("kd_ration", "0.1")])
+    assert "did you mean kd_ratio?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "train"], "--mode must be one of kd, pretrain (got 'train')"),
+    ([], "--mode must be one of kd, pretrain (got None)"),
+    (["--mode", "kd", "-c", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["--mode", "kd", "stray"], "unexpected argument 'stray'"),
+])
+def test_bad_command_line_is_a_usage_error(argv, message):
+    with pytest.raises(run.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run.parse_argv(argv)
+
+
+def test_unknown_mode_exits_2_with_one_line_naming_both_modes():
+    result = cli("--mode", "distill")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "run.py: error: --mode must be one of kd, pretrain (got 'distill')"
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint_path_names_the_key_to_set(tmp_path):
+    result = cli("--mode", "kd", f"checkpoint.checkpoint_dir={tmp_path / 'ck'}")
+    assert result.returncode == 2
+    assert "model.pretrained_model_name_or_path is not set; pass model.pretrained_model_name_or_path=" in result.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_kd_ratio_outside_unit_interval_is_rejected_before_loading(ckpts, tmp_path):
+    paths = ckpts["llama"]
+    result = cli("--mode", "kd", f"model.pretrained_model_name_or_path={paths['student']}",
+                 f"teacher_model.pretrained_model_name_or_path={paths['teacher']}", "kd_ratio=1.5",
+                 f"checkpoint.checkpoint_dir={tmp_path / 'ck'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "run.py: error: kd_ratio=1.5 must be a number in [0, 1] (0: CE only, 1: KD only)"
+
+
+def test_with_cuda_present_nothing_is_patched_for_cpu():
+    code = (
+        # Import first: some of the stack probes CUDA at import time, which a CPU build cannot fake.
+        "import torch, patch_automodel, loss\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "originals = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.max_memory_allocated,"
+        " torch.cuda.reset_peak_memory_stats)\n"
+        "from nemo_automodel._transformers import auto_model; infra = auto_model.apply_model_infrastructure\n"
+        "import run, cpu_support\n"
+        "assert run.setup_runtime() is False\n"
+        "assert not cpu_support.is_applied()\n"
+        "assert originals == (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.max_memory_allocated,"
+        " torch.cuda.reset_peak_memory_stats)\n"
+        "assert auto_model.apply_model_infrastructure is infra\n"
+        "print('untouched')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("untouched")
+
+
+def test_cpu_support_refuses_to_patch_a_cuda_machine(monkeypatch):
+    import torch
+
+    import cpu_support
+
+    if cpu_support.is_applied():
+        pytest.skip("already applied in this process")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="GPU path must stay untouched"):
+        cpu_support.apply()
+
+
+def test_cpu_memory_stand_in_reports_real_peak_rss():
+    code = (
+        "import run, torch, resource\nrun.setup_runtime()\n"
+        "x = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB\n"
+        "print(torch.cuda.max_memory_allocated() / 2**20)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) > 256
