@@ -39,6 +39,8 @@ from modelopt.torch.puzzletron.anymodel import (
 )
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 
+from tp_plan import per_layer_tp_plans
+
 SUBBLOCKS_DIR = "subblocks_safetensors"
 BLOCK_CONFIGS_FILE = "block_configs.json"
 # Older ModelOpt docs and configs use these names for what 0.47 registers under another.
@@ -143,7 +145,8 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
         hf_config = config_source
     block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config))
     kwargs["force_hf"] = True
-    with deci_x_patcher(descriptor, block_configs):
+    # AutoModel parallelizes inside the build; a layer's KV heads may not split over TP ranks.
+    with deci_x_patcher(descriptor, block_configs), per_layer_tp_plans():
         model = original(cls, config_source, *args, **kwargs)
     if block_configs is not None:
         # Saved checkpoints must rebuild the same layers without the side file.

@@ -1,0 +1,200 @@
+"""Tensor-parallel plans for heterogeneous (Puzzletron "AnyModel") decoder stacks.
+
+AutoModel's TP plans shard every decoder layer the same way, with wildcard keys such as
+``model.layers.*.self_attn.k_proj``. A Puzzletron student breaks that: one layer keeps a single
+KV head, which cannot be split over two ranks, another has no attention at all. This module
+turns AutoModel's own plan for the architecture into a per-layer plan. Each attention and MLP
+block of each layer gets one of three treatments on the ``tp`` mesh:
+
+``sharded``
+    The block's head count (attention: query and KV heads) or width (MLP: intermediate size)
+    divides ``tp_size``: AutoModel's entries apply unchanged. Column-parallel projections
+    (``q/k/v_proj``, ``gate/up_proj``) hold ``Shard(0)`` weights, row-parallel ones (``o_proj``,
+    ``down_proj``) ``Shard(1)``; Qwen3's ``q_norm``/``k_norm`` stay whole and sum their partial
+    gradients, as in AutoModel's Qwen plan.
+``replicated``
+    It does not divide: the block gets no entries, so its parameters are whole (``Replicate``)
+    on every TP rank, every rank computes the full block, and :class:`ReplicateOnTP` marks the
+    parameters for ``synchronize_tp_replica_gradients`` (called by the KD recipe before the
+    grad norm) to mean-reduce their identical gradients. Under sequence parallelism the block
+    takes the full sequence (its layer norm's all-gather stays in the plan) and its output is
+    re-sharded on the sequence dimension to rejoin the residual stream.
+``no_op``
+    Puzzletron removed the block (``MatchingZeros``, and its norm is ``Same``): no entries,
+    not even the sequence-parallel norm, so nothing is gathered for a block that adds zeros.
+
+Entries that are not per layer (embedding, final norm, ``lm_head``) are kept as they are.
+
+AutoModel builds a model and parallelizes it inside ``from_pretrained``, before the model can be
+handed to anyone, and an import-path ``distributed.tp_plan`` is called without the model. So
+``patch_automodel`` builds AnyModel checkpoints under :func:`per_layer_tp_plans`, which hands
+them :class:`AnyModelParallelizer` (AutoModel's FSDP2/TP parallelizer with the per-layer plan).
+"""
+
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from nemo_automodel.components.distributed import model_parallelizer
+from nemo_automodel.components.distributed.parallelizer import ModelParallelizer, _get_parallel_plan
+from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
+
+BlockMode = Literal["sharded", "replicated", "no_op"]
+LAYER_WILDCARD = ".*."
+# The first name of a per-layer plan key, mapped to the block it belongs to. Norms feed their
+# block; under sequence parallelism they all-gather its input, which a replicated block needs too.
+BLOCK_OF = {"self_attn": "self_attn", "input_layernorm": "self_attn", "mlp": "mlp", "post_attention_layernorm": "mlp"}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
+
+
+def attention_mode(attn: nn.Module, tp_size: int) -> BlockMode:
+    """How a layer's ``self_attn`` is split: by heads when both head counts divide ``tp_size``."""
+    if not hasattr(attn, "q_proj"):
+        return "no_op"
+    num_heads = attn.q_proj.out_features // attn.head_dim
+    num_kv_heads = attn.k_proj.out_features // attn.head_dim
+    return "sharded" if num_heads % tp_size == 0 and num_kv_heads % tp_size == 0 else "replicated"
+
+
+def mlp_mode(mlp: nn.Module, tp_size: int) -> BlockMode:
+    """How a layer's ``mlp`` is split: by intermediate columns when their count divides ``tp_size``."""
+    if not hasattr(mlp, "down_proj"):
+        return "no_op"
+    return "sharded" if mlp.down_proj.in_features % tp_size == 0 else "replicated"
+
+
+def layer_modes(layer: nn.Module, tp_size: int) -> dict[str, BlockMode]:
+    """``{"self_attn": mode, "mlp": mode}`` for one decoder layer."""
+    return {"self_attn": attention_mode(layer.self_attn, tp_size), "mlp": mlp_mode(layer.mlp, tp_size)}
+
+
+class ReplicateOnTP(ParallelStyle):
+    """Keep a block whole on every TP rank and mean-reduce its gradients across them.
+
+    Every rank runs the full block on the same input, so each rank's gradient is the full one;
+    the mean keeps replicas from drifting apart (e.g. under a nondeterministic kernel).
+
+    Args:
+        sequence_parallel: The residual stream is sharded on the sequence dimension. The block's
+            input arrives gathered (``Replicate`` DTensor from the sequence-parallel norm) and is
+            handed over as a plain tensor; the output leaves as a ``Shard(1)`` DTensor. Gradients
+            follow the same path back: the output gradient is all-gathered, the input gradient is
+            this rank's sequence chunk.
+    """
+
+    def __init__(self, sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        # The reduction is read per module from its direct parameters, so mark the whole subtree.
+        for submodule in module.modules():
+            mark_tp_replica_gradient_reduction(submodule, "mean")
+        if self.sequence_parallel:
+            module.register_forward_pre_hook(_gather_inputs, with_kwargs=True)
+            module.register_forward_hook(lambda mod, args, output: _shard_output(output, device_mesh))
+        return module
+
+
+def _full(value):
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _gather_inputs(module, args, kwargs):
+    return tuple(_full(a) for a in args), {k: _full(v) for k, v in kwargs.items()}
+
+
+def _shard_output(output, device_mesh: DeviceMesh):
+    def shard(tensor: torch.Tensor) -> DTensor:
+        # Every rank holds the same full tensor, so declaring it Replicate is exact and keeping
+        # this rank's chunk needs no communication.
+        replicated = DTensor.from_local(tensor, device_mesh, [Replicate()], run_check=False)
+        return replicated.redistribute(device_mesh, [Shard(SEQUENCE_DIM)])
+
+    if isinstance(output, tuple):  # attention returns (hidden_states, attn_weights)
+        return (shard(output[0]), *output[1:])
+    return shard(output)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def per_layer_tp_plan(model: nn.Module, base_plan: dict[str, ParallelStyle], tp_size: int,
+                      sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Expand ``base_plan``'s ``<layers>.*.<name>`` entries into one entry per existing layer module.
+
+    Args:
+        model: The model to parallelize (meta or materialized).
+        base_plan: AutoModel's plan for the architecture (or the user's ``distributed.tp_plan``).
+        tp_size: Size of the ``tp`` mesh.
+        sequence_parallel: Whether ``base_plan`` is the sequence-parallel variant; passed on to
+            :class:`ReplicateOnTP` for replicated blocks.
+
+    Returns:
+        A plan without layer wildcards: for each layer, the base entries of its sharded blocks,
+        the norm entries of its sharded and replicated blocks, and ``<layer>.<block>:
+        ReplicateOnTP`` for each replicated block (see the module docstring).
+    """
+    plan = {key: style for key, style in base_plan.items() if LAYER_WILDCARD not in key}
+    for layers_name in dict.fromkeys(key.partition(LAYER_WILDCARD)[0] for key in base_plan if LAYER_WILDCARD in key):
+        for index, layer in model.get_submodule(layers_name).named_children():
+            prefix = f"{layers_name}.{index}"
+            modes = layer_modes(layer, tp_size)
+            for key, style in base_plan.items():
+                head, _, name = key.partition(LAYER_WILDCARD)
+                if head != layers_name or not _has_submodule(layer, name):
+                    continue
+                mode = modes.get(BLOCK_OF.get(name.split(".")[0]), "sharded")
+                if mode == "sharded" or (mode == "replicated" and name in NORMS):
+                    plan[f"{prefix}.{name}"] = style
+            for block, mode in modes.items():
+                if mode == "replicated":
+                    plan[f"{prefix}.{block}"] = ReplicateOnTP(sequence_parallel)
+    return plan
+
+
+class AnyModelParallelizer(ModelParallelizer):
+    """AutoModel's FSDP2 + TP parallelizer, with the TP plan specialized layer by layer."""
+
+    def _validate_tp_mesh(self, model: nn.Module, tp_mesh: DeviceMesh) -> None:
+        """Skip AutoModel's check of the config's global head counts: the per-layer plan only
+        shards the attention of layers whose own head counts divide the TP size."""
+
+    def _apply(self, model: nn.Module, device_mesh: DeviceMesh, **kwargs) -> nn.Module:
+        tp_size = device_mesh["tp"].size()
+        if tp_size > 1:
+            sequence_parallel = kwargs.get("sequence_parallel", False)
+            base_plan = _get_parallel_plan(model, sequence_parallel, kwargs.get("tp_shard_plan"), tp_size=tp_size)
+            kwargs["tp_shard_plan"] = per_layer_tp_plan(model, base_plan, tp_size, sequence_parallel)
+        return super()._apply(model, device_mesh, **kwargs)
+
+
+ANYMODEL_PARALLELIZER = AnyModelParallelizer()
+
+
+@contextmanager
+def per_layer_tp_plans():
+    """Within the block, AutoModel parallelizes models that bring no parallelizer of their own
+    with :class:`AnyModelParallelizer` (``patch_automodel`` wraps each AnyModel build in it)."""
+    original = model_parallelizer.get_model_parallelizer
+
+    def get_model_parallelizer(model: nn.Module) -> ModelParallelizer:
+        parallelizer = original(model)
+        return ANYMODEL_PARALLELIZER if type(parallelizer) is ModelParallelizer else parallelizer
+
+    model_parallelizer.get_model_parallelizer = get_model_parallelizer
+    try:
+        yield
+    finally:
+        model_parallelizer.get_model_parallelizer = original
