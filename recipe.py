@@ -1,5 +1,6 @@
 """Knowledge distillation into heterogeneous (AnyModel) students, on AutoModel 0.7.0's KD recipe."""
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -9,14 +10,15 @@ from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
 
-class KDConfigError(ValueError):
-    """A KD setting that cannot train; the message names the key and the fix."""
+class NonFiniteLossError(RuntimeError):
+    """A training step whose loss, CE or KD term is NaN or infinite; the message names the step and term."""
 
 
 class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillationRecipeForNextTokenPrediction):
     """AutoModel's KD recipe (its loop, teacher handling, logging and checkpointing), plus:
 
-    - Config checks before any weights load: ``kd_ratio`` in [0, 1] and ``kd_loss_fn.temperature > 0``.
+    - Non-finite loss guard: a step whose ``loss``, ``ce_loss`` or ``kd_loss`` is NaN/inf stops the run with
+      :class:`NonFiniteLossError` (step and term named) before it is logged or checkpointed. Always on.
     - Heterogeneous students: built through ``patch_automodel`` (``model.anymodel_descriptor``,
       ``model.block_configs_path``) so they get the recipe's FSDP2/TP/PP ``distributed_setup``.
     - PP with ordinary variable-length batches (``distributed.pp_size > 1``): torch's pipeline
@@ -28,10 +30,23 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``).
     """
 
-    def setup(self):
-        """Validate the KD settings, then build everything as AutoModel does."""
-        check_kd_config(self.cfg)
-        super().setup()
+    def _run_train_optim_step(self, batches, max_grad_norm: float | None = None):
+        """The parent's step; raises :class:`NonFiniteLossError` when a logged loss term is NaN or infinite.
+
+        The terms are all-reduced over data-parallel ranks, so every rank raises at the same step.
+        """
+        sample = super()._run_train_optim_step(batches, max_grad_norm)
+        for term in ("kd_loss", "ce_loss", "loss"):
+            value = sample.metrics[term]
+            if not math.isfinite(value):
+                # training.jsonl buffers records; keep the losses that led up to this step.
+                self.metric_logger_train.flush()
+                raise NonFiniteLossError(
+                    f"step {sample.step}: {term} is {value} (loss={sample.metrics['loss']}, "
+                    f"ce_loss={sample.metrics['ce_loss']}, kd_loss={sample.metrics['kd_loss']}); "
+                    "stopped before logging or checkpointing it: check the teacher and student weights "
+                    "(NaN/inf) and lower optimizer.lr")
+        return sample
 
     def _make_pp_kd_loss_wrapper(self):
         """The parent's PP loss (CE + KD per microbatch), minus the schedule's shape-inference call."""
@@ -109,18 +124,6 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 "mem": torch.cuda.max_memory_allocated() / 1024**3,
             },
         )
-
-
-def check_kd_config(cfg) -> None:
-    """Raise :class:`KDConfigError` for a KD setting that cannot train."""
-    kd_ratio = cfg.get("kd_ratio", 0.5)
-    if not isinstance(kd_ratio, (int, float)) or not 0.0 <= float(kd_ratio) <= 1.0:
-        raise KDConfigError(f"kd_ratio={kd_ratio!r} must be a number in [0, 1] (0: CE only, 1: KD only)")
-    if (cfg.get("distributed.pp_size", 1) or 1) > 1 and (cfg.get("distributed.cp_size", 1) or 1) > 1:
-        raise KDConfigError("distributed.pp_size > 1 with distributed.cp_size > 1 is not supported for KD; set one of them to 1")
-    temperature = cfg.get("kd_loss_fn.temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or float(temperature) <= 0.0:
-        raise KDConfigError(f"kd_loss_fn.temperature={temperature!r} must be a number > 0 (1.0 is the usual choice)")
 
 
 def _backward_initialized(schedule) -> bool:

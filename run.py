@@ -10,7 +10,10 @@ scalars (``null``, ``true``, ``1e-5``, ``[0.9, 0.95]``). Works under ``torchrun`
 """
 
 import difflib
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -18,11 +21,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
 USAGE = "usage: python -m run --mode {kd,pretrain} [-c CONFIG] [key=value | --key=value | --key value ...]"
-# Keys that must name a checkpoint before anything is built, per mode.
-REQUIRED_PATHS = {
-    "kd": ("model.pretrained_model_name_or_path", "teacher_model.pretrained_model_name_or_path"),
-    "pretrain": ("model.pretrained_model_name_or_path",),
-}
+# Top-level sections AutoModel 0.7.0's LLM recipes read that kd.yaml / pretrain.yaml leave out:
+# overriding one adds it; overriding any other missing section is a typo.
+OPTIONAL_SECTIONS = ("lr_scheduler", "clip_grad_norm", "packed_sequence", "peft", "fp8", "qat", "quantization",
+                     "compile", "wandb", "mlflow", "comet", "teacher_distributed", "moe_metrics", "mtp", "neftune",
+                     "freeze_config", "validation_dataloaders")
 
 
 class UsageError(Exception):
@@ -96,20 +99,24 @@ def load_config(config_path: Path, overrides: list[tuple[str, str]]):
         cfg = load_yaml_config(str(config_path))
     except yaml.YAMLError as e:
         raise UsageError(f"{config_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (AttributeError, TypeError):
+        cfg = None
+    if cfg is None or not isinstance(cfg.raw_config, dict):
+        raise UsageError(f"{config_path} is not a YAML mapping of sections; start from kd.yaml or pretrain.yaml")
     known = _dotted_keys(cfg.raw_config)
+    sections = [key for key, value in cfg.raw_config.items() if isinstance(value, dict)]
     for key, raw in overrides:
+        section = key.split(".")[0]
+        if "." in key and section not in sections and section not in OPTIONAL_SECTIONS:
+            close = difflib.get_close_matches(section, sections + list(OPTIONAL_SECTIONS), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"sections: {', '.join(sections)}"
+            raise UsageError(f"override {key}: {config_path.name} has no section {section!r}; {hint}")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             print(f"warning: override {key} is not in {config_path.name}, adding it{hint}", file=sys.stderr)
         cfg.set_by_dotted(key, parse_value(raw))
     return cfg
-
-
-def check_required(cfg, mode: str) -> None:
-    for key in REQUIRED_PATHS[mode]:
-        if cfg.get(key) is None:
-            raise UsageError(f"{key} is not set; pass {key}=/path/to/checkpoint")
 
 
 def setup_runtime() -> bool:
@@ -131,12 +138,18 @@ def setup_runtime() -> bool:
 
 
 def prepare(argv: list[str]):
-    """Everything before the recipe: returns ``(recipe_class, cfg)``. Raises :class:`UsageError`."""
+    """Everything before the recipe: returns ``(recipe_class, cfg)``.
+
+    Raises :class:`UsageError` or :class:`preflight.PreflightError`, on every rank alike, before
+    the process group exists or any weights load.
+    """
     mode, config_path, overrides = parse_argv(argv)
     on_cpu = setup_runtime()
     # After the patch: the config's `_target_` must resolve to the patched from_pretrained.
     cfg = load_config(config_path, overrides)
-    check_required(cfg, mode)
+    import preflight
+
+    preflight.check(cfg, mode)
     if on_cpu:
         import cpu_support
 
@@ -152,10 +165,21 @@ def prepare(argv: list[str]):
 def user_error_types() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": printed as one line, exit code 2, no traceback."""
     types = [UsageError]
-    for module, name in (("patch_automodel", "AnyModelError"), ("recipe", "KDConfigError")):
+    for module, name in (("preflight", "PreflightError"), ("patch_automodel", "AnyModelError"),
+                         ("recipe", "NonFiniteLossError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
+
+
+def report_error(line: str, usage: bool = False) -> None:
+    """Print the one-line error. Under torchrun also write it where the agent looks, so its failure
+    summary names the cause even when it stops this rank's peers before they print."""
+    print(line + (f"\n{USAGE}" if usage else ""), file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,5 +195,5 @@ if __name__ == "__main__":
     except Exception as e:
         if not isinstance(e, user_error_types()):
             raise
-        print(f"run.py: error: {e}" + (f"\n{USAGE}" if isinstance(e, UsageError) else ""), file=sys.stderr)
+        report_error(f"run.py: error: {e}", usage=isinstance(e, UsageError))
         sys.exit(2)

@@ -43,10 +43,26 @@ def test_overrides_are_applied_as_yaml_scalars():
     assert cfg.get("model.anymodel_descriptor") == "llama"
 
 
-def test_unknown_key_warns_with_the_closest_existing_key(capsys):
-    cfg = run.load_config(run.HERE / "kd.yaml", [("optimzer.lr", "0.1")])
-    assert "override optimzer.lr is not in kd.yaml" in capsys.readouterr().err
-    assert cfg.get("optimzer.lr") == 0.1
+def test_unknown_key_in_an_existing_section_warns_and_is_added(capsys):
+    cfg = run.load_config(run.HERE / "kd.yaml", [("optimizer.momentum", "0.1")])
+    assert "override optimizer.momentum is not in kd.yaml" in capsys.readouterr().err
+    assert cfg.get("optimizer.momentum") == 0.1
+
+
+@pytest.mark.parametrize("key, message", [
+    ("optimzer.lr", "override optimzer.lr: kd.yaml has no section 'optimzer'; did you mean optimizer?"),
+    ("modle.pretrained_model_name_or_path", "override modle.pretrained_model_name_or_path: kd.yaml has no section "
+                                            "'modle'; did you mean model?"),
+])
+def test_override_of_a_missing_section_is_an_error_naming_the_closest(key, message):
+    with pytest.raises(run.UsageError) as e:
+        run.load_config(run.HERE / "kd.yaml", [(key, "0.1")])
+    assert str(e.value) == message
+
+
+def test_override_of_an_optional_automodel_section_is_added():
+    assert run.load_config(run.HERE / "kd.yaml", [("lr_scheduler.lr_warmup_steps", "5")]).get(
+        "lr_scheduler.lr_warmup_steps") == 5
 
 
 def test_unknown_key_hint_names_the_nearest_key(capsys):
