@@ -1,0 +1,59 @@
+"""tools/demo.py's pieces on a 2-step run: the exported student is the trained one, and stages skip."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import checkpoint_tensors, read_jsonl
+from tools import demo
+from tools.prune_student import prune
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A demo-sized teacher (random), its pruned student, and a 2-step KD run with a consolidated export."""
+    root = tmp_path_factory.mktemp("demo")
+    data = root / "data"
+    demo.write_data(data)
+    teacher = demo.write_random_teacher(root / "teacher", data / "tokenizer")
+    student = prune(teacher, demo.STUDENT_BLOCKS, root / "student")
+    run = dict(steps=2, lr=1e-3, warmup=1, global_batch=4, local_batch=2, val_every=2)
+    export = demo.torchrun("kd", [
+        f"model.pretrained_model_name_or_path={student}", "model.anymodel_descriptor=llama", "model.torch_dtype=float32",
+        f"teacher_model.pretrained_model_name_or_path={teacher}", "teacher_model.torch_dtype=float32", "kd_ratio=0.5",
+        *demo.dataset_overrides(data), *demo.schedule_overrides(run, root / "run"),
+    ], root / "run")
+    return {"data": data, "student": student, "run": root / "run", "export": export}
+
+
+def test_export_is_a_consolidated_checkpoint_carrying_the_block_configs(trained):
+    config = json.loads((trained["export"] / "config.json").read_text())
+    assert [b["attention"]["no_op"] for b in config["block_configs"]] == [False, True, False, False]
+    assert [b["ffn"]["intermediate_size"] for b in config["block_configs"]] == [192, 256, 128, 192]
+    assert (trained["export"] / "tokenizer.json").is_file()
+    exported, initial = checkpoint_tensors(trained["export"]), checkpoint_tensors(trained["student"])
+    assert exported.keys() == initial.keys()
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial), "the export holds untrained weights"
+
+
+def test_export_loads_with_anymodel_descriptor_and_reproduces_the_final_validation_loss(trained):
+    """The recipe's last validation pass ran the trained model over every validation token; the
+    exported model, loaded as a user loads it, must give the same cross-entropy from its logits."""
+    model = demo.load_model(trained["export"], anymodel=True)
+    for layer, block in zip(model.model.layers, demo.STUDENT_BLOCKS, strict=True):
+        assert layer.mlp.up_proj.out_features == block["ffn"]["intermediate_size"]
+    ce, tokens = demo.validation_ce(model, trained["data"])
+    logged = read_jsonl(trained["run"] / "validation.jsonl")[-1]
+    assert logged["step"] == 1 and tokens == logged["num_label_tokens"]
+    assert ce == pytest.approx(logged["ce_loss"], rel=1e-5)
+
+
+def test_a_stage_is_skipped_only_when_its_fingerprint_matches(tmp_path):
+    stage = demo.Stage(tmp_path, "s", lr=1e-3, upstream="abc")
+    stage.dir.mkdir()
+    assert not stage.fresh()
+    stage.done(checkpoint="x")
+    assert demo.Stage(tmp_path, "s", lr=1e-3, upstream="abc").fresh()
+    assert not demo.Stage(tmp_path, "s", lr=2e-3, upstream="abc").fresh()
+    assert not demo.Stage(tmp_path, "s", lr=1e-3, upstream="abd").fresh()

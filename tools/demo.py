@@ -1,0 +1,401 @@
+"""The Puzzletron story on a CPU: pretrain a teacher, carve a heterogeneous student, distill it.
+
+    python -m tools.demo [--out demo_out]        (what `make demo` runs)
+
+Stages, each skipped when its output is already there and complete (delete a stage's folder
+to rerun it and everything after it):
+
+1. ``data``: English text that ships with CPython (``pydoc_data.topics``), split by paragraph
+   into ``train.jsonl`` / ``validation.jsonl`` rows ``{"title", "text"}``, and a byte-level BPE
+   tokenizer trained on the train split. Read by AutoModel's ``ColumnMappedTextInstructionDataset``
+   (``title`` as the prompt, loss on ``text``): the same dataset class serves your own JSONL files.
+2. ``teacher``: a randomly initialised small Llama, pretrained with
+   ``torchrun --nproc_per_node=2 -m run --mode pretrain``.
+3. ``student_init``: ``tools.prune_student`` with :data:`STUDENT_BLOCKS`.
+4. ``student_ce`` and ``student_kd``: ``--mode kd`` from the same student, data and steps, with
+   ``kd_ratio=0`` (cross-entropy only) and :data:`KD_RATIO`.
+5. ``results.json``, a table on stdout and ``loss_curves.png``: validation CE of every model.
+
+Each training run writes a consolidated Hugging Face checkpoint (``checkpoint.save_consolidated``),
+which is what the evaluation loads, through ``from_pretrained(..., anymodel_descriptor="llama")``.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+VOCAB_SIZE = 1024
+SEQ_LEN = 128
+CHARS_PER_ROW = 4 * SEQ_LEN  # about 4 characters per token with this tokenizer
+VAL_FRACTION = 0.1
+# A small Llama: about 1.1 M parameters, 4 layers of 4 heads of 32 channels.
+TEACHER = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=SEQ_LEN,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+# What a Puzzletron search could return for a tight budget: every layer differs from the teacher.
+STUDENT_BLOCKS = [
+    {"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": 192}},
+    {"attention": {"no_op": True}, "ffn": {"intermediate_size": 256}},
+    {"attention": {"num_key_value_heads": 1}, "ffn": {"intermediate_size": 128}},
+    {"attention": {"num_key_value_heads": 4}, "ffn": {"intermediate_size": 192}},
+]
+TEACHER_RUN = dict(steps=400, lr=1e-2, warmup=30, global_batch=32, local_batch=16, val_every=50)
+STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16, val_every=10)
+KD_RATIO = 0.9
+TEMPERATURE = 1.0
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- stage 1: data and tokenizer
+
+
+def english_paragraphs() -> list[tuple[str, str]]:
+    """``(topic, paragraph)`` pairs from the Python reference manual, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [(name, p.strip()) for name in sorted(topics) for p in topics[name].split("\n\n") if len(p.strip()) > 40]
+
+
+def write_data(data_dir: Path) -> None:
+    """``train.jsonl``, ``validation.jsonl`` (``{"title", "text"}`` rows) and ``tokenizer/``."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rows = []
+    for title, paragraph in english_paragraphs():
+        # Consecutive paragraphs of a topic share a row up to about SEQ_LEN tokens: less padding.
+        if rows and rows[-1]["title"] == title and len(rows[-1]["text"]) + len(paragraph) < CHARS_PER_ROW:
+            rows[-1]["text"] += "\n\n" + paragraph
+        else:
+            rows.append({"title": title, "text": paragraph})
+    random.Random(0).shuffle(rows)
+    # Even, so that 2 ranks split it without the sampler repeating a row.
+    n_val = int(len(rows) * VAL_FRACTION) // 2 * 2
+    splits = {"validation": rows[:n_val], "train": rows[n_val:]}
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((r["title"] + " " + r["text"] for r in splits["train"]), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+
+    tmp = data_dir.with_name(data_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    for name, part in splits.items():
+        with open(tmp / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    (tmp / "DONE").write_text(json.dumps({k: len(v) for k, v in splits.items()}))
+    shutil.rmtree(data_dir, ignore_errors=True)
+    tmp.rename(data_dir)
+
+
+def unigram_baseline(data_dir: Path) -> float:
+    """Validation CE (nats/token) of the train split's unigram distribution, add-one smoothed:
+    what a model that ignores context can reach. Counts the tokens the dataset puts loss on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+
+    def tokens(split):
+        for line in open(data_dir / f"{split}.jsonl"):
+            row = json.loads(line)
+            full = tokenizer(row["title"] + " " + row["text"], truncation=True, max_length=SEQ_LEN)["input_ids"]
+            yield from full[len(tokenizer(row["title"] + " ")["input_ids"]):]
+
+    counts = Counter(tokens("train"))
+    total = sum(counts.values()) + len(tokenizer)
+    val = list(tokens("validation"))
+    return -sum(math.log((counts[t] + 1) / total) for t in val) / len(val)
+
+
+# ---------------------------------------------------------------- training runs through run.py
+
+
+def dataset_overrides(data_dir: Path) -> list[str]:
+    """Point ``dataset`` / ``validation_dataset`` at the JSONL files with AutoModel's column-mapped dataset."""
+    target = "nemo_automodel.components.datasets.llm.column_mapped_text_instruction_dataset.ColumnMappedTextInstructionDataset"
+
+    def node(split):
+        return (f"{{_target_: {target}, path_or_dataset_id: {data_dir / f'{split}.jsonl'}, "
+                f"column_mapping: {{context: title, answer: text}}, seq_length: {SEQ_LEN}, truncation: true}}")
+
+    return [f"dataset={node('train')}", f"validation_dataset={node('validation')}"]
+
+
+def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
+    return [
+        f"step_scheduler.max_steps={run['steps']}",
+        f"step_scheduler.global_batch_size={run['global_batch']}",
+        f"step_scheduler.local_batch_size={run['local_batch']}",
+        f"step_scheduler.val_every_steps={run['val_every']}",
+        f"step_scheduler.ckpt_every_steps={run['steps']}",
+        "step_scheduler.num_epochs=1000",
+        f"optimizer.lr={run['lr']}",
+        "optimizer._target_=torch.optim.AdamW",
+        "optimizer.weight_decay=0.01",
+        f"lr_scheduler={{lr_warmup_steps: {run['warmup']}, lr_decay_style: cosine, min_lr: {run['lr'] / 10}}}",
+        "checkpoint.save_consolidated=final",
+        f"checkpoint.checkpoint_dir={out_dir}",
+    ]
+
+
+def torchrun(mode: str, overrides: list[str], out_dir: Path) -> Path:
+    """Run ``torchrun --nproc_per_node=2 -m run --mode MODE`` into a fresh ``out_dir``; returns the
+    consolidated checkpoint of its last step."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # the recipe would resume from a stale checkpoint
+    with socket.socket() as s:  # a free port: other jobs on this machine may hold torchrun's default
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "run", "--mode", mode, "-c", f"{mode}.yaml", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return final_checkpoint(out_dir)
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """``<run_dir>/epoch_*_step_N/model/consolidated`` of the largest ``N``."""
+    found = sorted(run_dir.glob("epoch_*_step_*/model/consolidated/config.json"),
+                   key=lambda p: int(p.parts[-4].rsplit("_", 1)[1]))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no consolidated checkpoint")
+    return found[-1].parent
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def load_model(path: Path, anymodel: bool):
+    """A checkpoint through ``NeMoAutoModelForCausalLM.from_pretrained``, as a user loads it (fp32, eval)."""
+    import torch
+    from nemo_automodel import NeMoAutoModelForCausalLM
+
+    import run
+
+    run.setup_runtime()
+    kwargs = {"anymodel_descriptor": "llama"} if anymodel else {}
+    return NeMoAutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, **kwargs).eval()
+
+
+def validation_ce(model, data_dir: Path, batch_size: int = 16) -> tuple[float, int]:
+    """``(mean CE per label token, label tokens)`` over the validation split, batched as the recipe does."""
+    import torch
+    import torch.nn.functional as F
+    from nemo_automodel.components.datasets.llm.column_mapped_text_instruction_dataset import (
+        ColumnMappedTextInstructionDataset,
+    )
+    from nemo_automodel.components.datasets.utils import default_collater
+    from transformers import AutoTokenizer
+
+    dataset = ColumnMappedTextInstructionDataset(
+        str(data_dir / "validation.jsonl"), {"context": "title", "answer": "text"},
+        AutoTokenizer.from_pretrained(data_dir / "tokenizer"), seq_length=SEQ_LEN, truncation=True)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = default_collater([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            labels = batch["labels"]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    return total / count, count
+
+
+def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """``[(optimizer steps done, validation CE)]`` from the recipe's ``validation.jsonl``."""
+    rows = [json.loads(line) for line in open(run_dir / "validation.jsonl") if line.strip()]
+    return [(r["step"] + 1, r.get("ce_loss", r["val_loss"])) for r in rows]
+
+
+def plot(results: dict, curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    start = (0, results["student_init_val_loss"])
+    for name, label, color in (("student_ce", f"student, CE only (kd_ratio=0)", "tab:orange"),
+                               ("student_kd", f"student, KD (kd_ratio={KD_RATIO})", "tab:blue")):
+        steps, losses = zip(start, *curves[name])
+        ax.plot(steps, losses, marker="o", ms=3, color=color, label=label)
+    ax.axhline(results["teacher_val_loss"], color="tab:green", ls="--", label="teacher")
+    ax.axhline(results["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title("Recovering a pruned heterogeneous student: KD vs CE only")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    gap = results["student_init_val_loss"] - results["teacher_val_loss"]
+    rows = [("unigram baseline", results["unigram_val_loss"], ""),
+            ("teacher", results["teacher_val_loss"], ""),
+            ("student, pruned from teacher", results["student_init_val_loss"], "0 %"),
+            ("student, CE only", results["student_ce_val_loss"], f"{results['gap_recovered_ce']:.0%}"),
+            ("student, KD", results["student_kd_val_loss"], f"{results['gap_recovered_kd']:.0%}")]
+    lines = ["| model | validation CE | share of the teacher-student gap recovered |", "|---|---|---|"]
+    lines += [f"| {name} | {loss:.3f} | {share} |" for name, loss, share in rows]
+    return "\n".join(lines) + f"\n\n(gap: {gap:.3f} nats/token)"
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Stage:
+    """A folder with a ``DONE`` file holding the fingerprint of what produced it.
+
+    ``fresh()`` is true when the folder's ``DONE`` matches ``key`` (the stage's settings and its
+    inputs' fingerprints), so a changed setting reruns this stage and every stage after it.
+    """
+
+    def __init__(self, out: Path, name: str, **key):
+        self.dir = out / name
+        self.name = name
+        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def fresh(self) -> bool:
+        done = self.dir / "DONE"
+        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == self.fingerprint:
+            log(f"{self.name}: up to date, skipped ({self.dir})")
+            return True
+        log(f"{self.name}: running")
+        return False
+
+    def done(self, **info) -> dict:
+        (self.dir / "DONE").write_text(json.dumps({"fingerprint": self.fingerprint, **info}, indent=1))
+        return self.info()
+
+    def info(self) -> dict:
+        return json.loads((self.dir / "DONE").read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="folder for every stage's output (default: demo_out)")
+    out = Path(parser.parse_args(argv).out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    data = Stage(out, "data", vocab=VOCAB_SIZE, val=VAL_FRACTION, seq=SEQ_LEN, chars=CHARS_PER_ROW)
+    if not data.fresh():
+        write_data(data.dir)
+        data.done(unigram_val_loss=unigram_baseline(data.dir))
+    data_dir = data.dir
+
+    teacher = Stage(out, "teacher", arch=TEACHER, run=TEACHER_RUN, data=data.fingerprint)
+    if not teacher.fresh():
+        init = write_random_teacher(out / "teacher_random_init", data_dir / "tokenizer")
+        ckpt = torchrun("pretrain", [f"model.pretrained_model_name_or_path={init}", "model.torch_dtype=float32",
+                                     *dataset_overrides(data_dir), *schedule_overrides(TEACHER_RUN, teacher.dir)],
+                        teacher.dir)
+        teacher.done(checkpoint=str(ckpt))
+    teacher_ckpt = Path(teacher.info()["checkpoint"])
+
+    student = Stage(out, "student_init", blocks=STUDENT_BLOCKS, teacher=teacher.fingerprint)
+    if not student.fresh():
+        from tools.prune_student import prune
+
+        shutil.rmtree(student.dir, ignore_errors=True)
+        prune(teacher_ckpt, STUDENT_BLOCKS, student.dir)
+        student.done(checkpoint=str(student.dir))
+
+    common = [f"model.pretrained_model_name_or_path={student.dir}", "model.anymodel_descriptor=llama",
+              "model.torch_dtype=float32", f"teacher_model.pretrained_model_name_or_path={teacher_ckpt}",
+              "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
+              *dataset_overrides(data_dir)]
+    runs = {}
+    for name, kd_ratio in (("student_ce", 0.0), ("student_kd", KD_RATIO)):
+        stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint)
+        if not stage.fresh():
+            ckpt = torchrun("kd", [*common, f"kd_ratio={kd_ratio}", *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
+            stage.done(checkpoint=str(ckpt))
+        runs[name] = stage
+
+    results_path = out / "results.json"
+    key = [s.fingerprint for s in (data, teacher, student, *runs.values())]
+    if results_path.is_file() and json.loads(results_path.read_text()).get("inputs") == key:
+        log("results: up to date, skipped")
+        results = json.loads(results_path.read_text())
+    else:
+        log("results: evaluating every model on the validation split")
+        losses = {}
+        for name, path, anymodel in (("teacher", teacher_ckpt, False), ("student_init", student.dir, True),
+                                     *((n, Path(s.info()["checkpoint"]), True) for n, s in runs.items())):
+            losses[name], val_tokens = validation_ce(load_model(path, anymodel), data_dir)
+            log(f"  {name}: {losses[name]:.4f}")
+        gap = losses["student_init"] - losses["teacher"]
+        results = {
+            **{f"{n}_val_loss": v for n, v in losses.items()},
+            "unigram_val_loss": data.info()["unigram_val_loss"],
+            "gap_recovered_ce": (losses["student_init"] - losses["student_ce"]) / gap,
+            "gap_recovered_kd": (losses["student_init"] - losses["student_kd"]) / gap,
+            "teacher_steps": TEACHER_RUN["steps"],
+            "student_steps": STUDENT_RUN["steps"],
+            "teacher_train_tokens": train_tokens(teacher.dir),
+            "student_train_tokens": train_tokens(runs["student_kd"].dir),
+            "validation_tokens": val_tokens,
+            "kd_ratio": KD_RATIO,
+            "temperature": TEMPERATURE,
+            "inputs": key,
+        }
+        results["curves"] = {n: validation_curve(s.dir) for n, s in runs.items()}
+        plot(results, results["curves"], out / "loss_curves.png")
+        results_path.write_text(json.dumps(results, indent=1))
+    print("\n" + table(results) + "\n")
+    log(f"results: {results_path}, {out / 'loss_curves.png'}; {time.time() - t0:.0f} s")
+
+
+def train_tokens(run_dir: Path) -> int:
+    """Tokens the run trained on, summed from the recipe's per-step ``num_tokens_per_step``."""
+    return sum(json.loads(line)["num_tokens_per_step"] for line in open(run_dir / "training.jsonl") if line.strip())
+
+
+def write_random_teacher(path: Path, tokenizer_dir: Path) -> Path:
+    """A randomly initialised :data:`TEACHER` Llama with the demo tokenizer, in Hugging Face layout."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **TEACHER)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
