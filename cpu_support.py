@@ -9,6 +9,8 @@ that AutoModel makes unconditionally:
 * ``torch.cuda.current_device``: AutoModel builds ``torch.device("cuda", current_device())`` for
   the model and pipeline; the infrastructure entry points are wrapped to place them on CPU.
 * ``torch.cuda.synchronize``: called by the pipeline-parallel stage setup; nothing to wait for.
+* AutoModel's fp32 RMSNorm (its own Llama/Qwen implementations) is ``torch.compile``-d; on CPU,
+  inductor fails on its sequence-parallel (DTensor) inputs, so the same op runs uncompiled.
 * The ``dist_env.backend`` of the config: NCCL needs GPUs, so multi-process CPU runs use ``gloo``.
 """
 
@@ -55,7 +57,10 @@ def apply() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
     from nemo_automodel._transformers import auto_model
+    from nemo_automodel.components.models.common import utils as model_utils
     from nemo_automodel.recipes.llm import train_ft
+
+    model_utils._float32_rms_norm_fwd = torch.ops.nemo_automodel.float32_rms_norm
 
     for module in (auto_model, train_ft):
         for name in ("instantiate_infrastructure", "apply_model_infrastructure"):

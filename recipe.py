@@ -1,13 +1,17 @@
 """Knowledge distillation into heterogeneous (AnyModel) students, on AutoModel 0.7.0's KD recipe."""
 
+import logging
 import math
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from nemo_automodel.components.loggers.metric_logger import MetricsSample
 from nemo_automodel.components.training.rng import ScopedRNG
 from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
+
+import flops
 
 
 class NonFiniteLossError(RuntimeError):
@@ -27,6 +31,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - PP teacher under ``no_grad`` instead of ``inference_mode``, which FSDP2 rejects.
     - Validation under PP: ``val_loss``, ``ce_loss``, ``kd_loss`` every ``step_scheduler.val_every_steps``,
       written to ``<checkpoint_dir>/validation.jsonl`` as without PP.
+    - ``mfu`` in every training record: student forward + backward and teacher forward FLOPs counted
+      layer by layer (``flops.py``), over the GPU's peak (or ``mfu_peak_tflops``); null where no peak
+      is known. The console line shows every logged metric, ``grad_norm`` and ``tps_per_gpu`` included.
     - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``).
     """
 
@@ -46,7 +53,44 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                     f"ce_loss={sample.metrics['ce_loss']}, kd_loss={sample.metrics['kd_loss']}); "
                     "stopped before logging or checkpointing it: check the teacher and student weights "
                     "(NaN/inf) and lower optimizer.lr")
+        sample.metrics["mfu"] = self._mfu(batches, sample.metrics)
         return sample
+
+    def _mfu(self, batches, metrics) -> float | None:
+        """Model FLOPs utilisation of the step just taken, in percent; None without a known peak rate."""
+        peak = self.cfg.get("mfu_peak_tflops", None) or flops.device_peak_tflops()
+        if peak is None or metrics["tps"] <= 0:
+            return None
+        if not hasattr(self, "_flop_coefficients"):
+            pp_group = self.device_mesh["pp"].get_group() if self.pp_enabled else None
+            teacher = self.teacher_model
+            teacher_parts = getattr(teacher, "parts", [teacher])
+            self._flop_coefficients = (flops.forward_flop_coefficients(self.model_parts, pp_group),
+                                       flops.forward_flop_coefficients(teacher_parts, pp_group))
+        seq_len = max(batch["input_ids"].shape[-1] for batch in batches)
+        tokens = metrics["num_tokens_per_step"]
+        step_flops = flops.kd_step_flops(*self._flop_coefficients, tokens=tokens, seq_len=seq_len)
+        seconds = tokens / metrics["tps"]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return 100.0 * step_flops / seconds / (world * peak * 1e12)
+
+    def log_train_metrics(self, log_data) -> None:
+        """Record the step in ``training.jsonl`` (and W&B) and print one line with every metric."""
+        if not self.dist_env.is_main:
+            return
+        if self.step_scheduler.is_remote_logging_step and kd._HAS_WANDB and kd.wandb.run is not None:
+            kd.wandb.log(log_data.to_dict(), step=log_data.step)
+        self.metric_logger_train.log(log_data)
+        m = log_data.metrics
+        mfu = "n/a" if m.get("mfu") is None else f"{m['mfu']:.2f}%"
+        logging.info(
+            f"step {log_data.step} | epoch {log_data.epoch} | loss {m['loss']:.4f} | ce_loss {m['ce_loss']:.4f} | "
+            f"kd_loss {m['kd_loss']:.4f} | grad_norm {m['grad_norm']:.4f} | lr {m['lr']:.2e} | "
+            f"mem {m['mem']:.2f} GiB | tps {m['tps']:.1f} | tps_per_gpu {m['tps_per_gpu']:.1f} | mfu {mfu} | "
+            f"tokens {m['num_tokens_per_step']} | label_tokens {m['num_label_tokens']} | "
+            f"kd_ratio {m['kd_ratio']:.2f} | temperature {m['temperature']:.2f}"
+        )
+        torch.cuda.reset_peak_memory_stats()
 
     def _make_pp_kd_loss_wrapper(self):
         """The parent's PP loss (CE + KD per microbatch), minus the schedule's shape-inference call."""
@@ -54,8 +98,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         schedule = self.pp.info.schedule
 
         def pp_kd_loss_fn(logits, target, **kwargs):
-            if not _backward_initialized(schedule):
-                # Gradient-shape inference on the first step: any loss that depends on the logits works.
+            if _inferring_gradient_shapes(schedule):
+                # Any loss that depends on the logits works here; a real one would consume a teacher
+                # microbatch. It happens on the first step and again after every validation.
                 return logits.sum() * 0.0
             return kd_loss(logits, target, **kwargs)
 
@@ -126,9 +171,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         )
 
 
-def _backward_initialized(schedule) -> bool:
+def _inferring_gradient_shapes(schedule) -> bool:
+    """True while torch's schedule calls the loss to infer gradient shapes (training mode only)."""
     # torch 2.13 keeps this flag on single-stage schedules and its plural on multi-stage ones.
-    return getattr(schedule, "_stage_backward_initialized", getattr(schedule, "_stages_backward_initialized", True))
+    initialized = getattr(schedule, "_stage_backward_initialized", getattr(schedule, "_stages_backward_initialized", True))
+    return schedule._has_backward and not initialized
 
 
 @contextmanager

@@ -81,6 +81,19 @@ def test_bad_command_line_is_a_usage_error(argv, message):
         run.parse_argv(argv)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  lr: [1, 2\n", "is not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("- model\n", "is not a YAML mapping of sections; start from kd.yaml or pretrain.yaml"),
+    ("", "is not a YAML mapping of sections; start from kd.yaml or pretrain.yaml"),
+])
+def test_malformed_config_file_is_a_usage_error_with_the_place(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(run.UsageError) as e:
+        run.load_config(path, [])
+    assert str(e.value) == f"{path} {message}"
+
+
 def test_unknown_mode_exits_2_with_one_line_naming_both_modes():
     result = cli("--mode", "distill")
     assert result.returncode == 2
@@ -103,6 +116,8 @@ def test_kd_ratio_outside_unit_interval_is_rejected_before_loading(ckpts, tmp_pa
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
         "run.py: error: kd_ratio=1.5 must be a number in [0, 1] (0: CE only, 1: KD only)"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ck").exists()
 
 
 def test_with_cuda_present_nothing_is_patched_for_cpu():
@@ -113,12 +128,15 @@ def test_with_cuda_present_nothing_is_patched_for_cpu():
         "originals = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.max_memory_allocated,"
         " torch.cuda.reset_peak_memory_stats)\n"
         "from nemo_automodel._transformers import auto_model; infra = auto_model.apply_model_infrastructure\n"
+        "from nemo_automodel.components.models.common import utils as model_utils\n"
+        "rms_norm = model_utils._float32_rms_norm_fwd\n"
         "import run, cpu_support\n"
         "assert run.setup_runtime() is False\n"
         "assert not cpu_support.is_applied()\n"
         "assert originals == (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.max_memory_allocated,"
         " torch.cuda.reset_peak_memory_stats)\n"
         "assert auto_model.apply_model_infrastructure is infra\n"
+        "assert model_utils._float32_rms_norm_fwd is rms_norm\n"
         "print('untouched')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
