@@ -58,7 +58,8 @@ STUDENT_BLOCKS = [
     {"attention": {"num_key_value_heads": 4}, "ffn": {"intermediate_size": 192}},
 ]
 TEACHER_RUN = dict(steps=400, lr=1e-2, warmup=30, global_batch=32, local_batch=16, val_every=50)
-STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16, val_every=10)
+# Recovery sees a quarter of the pretraining rows, as a compressed model's budget usually does.
+STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16, val_every=10, train_rows=256)
 KD_RATIO = 0.9
 TEMPERATURE = 1.0
 
@@ -139,15 +140,17 @@ def unigram_baseline(data_dir: Path) -> float:
 # ---------------------------------------------------------------- training runs through run.py
 
 
-def dataset_overrides(data_dir: Path) -> list[str]:
-    """Point ``dataset`` / ``validation_dataset`` at the JSONL files with AutoModel's column-mapped dataset."""
+def dataset_overrides(data_dir: Path, train_rows: int | None = None) -> list[str]:
+    """Point ``dataset`` / ``validation_dataset`` at the JSONL files with AutoModel's column-mapped
+    dataset; ``train_rows`` keeps only the first rows of the (shuffled) train split."""
     target = "nemo_automodel.components.datasets.llm.column_mapped_text_instruction_dataset.ColumnMappedTextInstructionDataset"
 
-    def node(split):
+    def node(split, limit=None):
         return (f"{{_target_: {target}, path_or_dataset_id: {data_dir / f'{split}.jsonl'}, "
-                f"column_mapping: {{context: title, answer: text}}, seq_length: {SEQ_LEN}, truncation: true}}")
+                f"column_mapping: {{context: title, answer: text}}, seq_length: {SEQ_LEN}, truncation: true, "
+                f"limit_dataset_samples: {'null' if limit is None else limit}}}")
 
-    return [f"dataset={node('train')}", f"validation_dataset={node('validation')}"]
+    return [f"dataset={node('train', train_rows)}", f"validation_dataset={node('validation')}"]
 
 
 def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
@@ -157,6 +160,7 @@ def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
         f"step_scheduler.local_batch_size={run['local_batch']}",
         f"step_scheduler.val_every_steps={run['val_every']}",
         f"step_scheduler.ckpt_every_steps={run['steps']}",
+        "step_scheduler.save_checkpoint_every_epoch=false",  # only the final checkpoint: the demo's output
         "step_scheduler.num_epochs=1000",
         f"optimizer.lr={run['lr']}",
         "optimizer._target_=torch.optim.AdamW",
@@ -236,26 +240,29 @@ def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def plot(results: dict, curves: dict, path: Path) -> None:
+    """Validation CE of both student runs against the teacher's level: all of it, and the last stretch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    start = (0, results["student_init_val_loss"])
-    for name, label, color in (("student_ce", f"student, CE only (kd_ratio=0)", "tab:orange"),
-                               ("student_kd", f"student, KD (kd_ratio={KD_RATIO})", "tab:blue")):
-        steps, losses = zip(start, *curves[name])
-        ax.plot(steps, losses, marker="o", ms=3, color=color, label=label)
-    ax.axhline(results["teacher_val_loss"], color="tab:green", ls="--", label="teacher")
-    ax.axhline(results["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title("Recovering a pruned heterogeneous student: KD vs CE only")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    runs = (("student_ce", "student, CE only (kd_ratio=0)", "tab:orange"),
+            ("student_kd", f"student, KD (kd_ratio={KD_RATIO})", "tab:blue"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, first in zip(axes, (0, 2)):
+        for name, label, color in runs:
+            steps, losses = zip((0, results["student_init_val_loss"]), *curves[name])
+            ax.plot(steps[first:], losses[first:], marker="o", ms=3, color=color, label=label)
+        ax.axhline(results["teacher_val_loss"], color="tab:green", ls="--", label="teacher")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(results["unigram_val_loss"], color="gray", ls=":", label="unigram baseline")
+    axes[0].set_ylabel("validation cross-entropy (nats/token)")
+    axes[0].set_title("pruned student, recovered")
+    axes[1].set_title("zoom: from the 2nd evaluation on")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -292,11 +299,14 @@ class Stage:
             log(f"{self.name}: up to date, skipped ({self.dir})")
             return True
         log(f"{self.name}: running")
+        self.started = time.time()
         return False
 
     def done(self, **info) -> dict:
-        (self.dir / "DONE").write_text(json.dumps({"fingerprint": self.fingerprint, **info}, indent=1))
-        return self.info()
+        info = {"fingerprint": self.fingerprint, "seconds": round(time.time() - self.started, 1), **info}
+        (self.dir / "DONE").write_text(json.dumps(info, indent=1))
+        log(f"{self.name}: done in {info['seconds']:.0f} s")
+        return info
 
     def info(self) -> dict:
         return json.loads((self.dir / "DONE").read_text())
@@ -335,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     common = [f"model.pretrained_model_name_or_path={student.dir}", "model.anymodel_descriptor=llama",
               "model.torch_dtype=float32", f"teacher_model.pretrained_model_name_or_path={teacher_ckpt}",
               "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
-              *dataset_overrides(data_dir)]
+              *dataset_overrides(data_dir, STUDENT_RUN["train_rows"])]
     runs = {}
     for name, kd_ratio in (("student_ce", 0.0), ("student_kd", KD_RATIO)):
         stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint)
@@ -351,10 +361,12 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(results_path.read_text())
     else:
         log("results: evaluating every model on the validation split")
-        losses = {}
+        losses, params = {}, {}
         for name, path, anymodel in (("teacher", teacher_ckpt, False), ("student_init", student.dir, True),
                                      *((n, Path(s.info()["checkpoint"]), True) for n, s in runs.items())):
-            losses[name], val_tokens = validation_ce(load_model(path, anymodel), data_dir)
+            model = load_model(path, anymodel)
+            losses[name], val_tokens = validation_ce(model, data_dir)
+            params[name] = sum(p.numel() for p in model.parameters())
             log(f"  {name}: {losses[name]:.4f}")
         gap = losses["student_init"] - losses["teacher"]
         results = {
@@ -362,11 +374,15 @@ def main(argv: list[str] | None = None) -> None:
             "unigram_val_loss": data.info()["unigram_val_loss"],
             "gap_recovered_ce": (losses["student_init"] - losses["student_ce"]) / gap,
             "gap_recovered_kd": (losses["student_init"] - losses["student_kd"]) / gap,
+            "teacher_params": params["teacher"],
+            "student_params": params["student_init"],
             "teacher_steps": TEACHER_RUN["steps"],
             "student_steps": STUDENT_RUN["steps"],
             "teacher_train_tokens": train_tokens(teacher.dir),
             "student_train_tokens": train_tokens(runs["student_kd"].dir),
+            "student_train_rows": STUDENT_RUN["train_rows"],
             "validation_tokens": val_tokens,
+            "stage_seconds": {s.name: s.info()["seconds"] for s in (data, teacher, student, *runs.values())},
             "kd_ratio": KD_RATIO,
             "temperature": TEMPERATURE,
             "inputs": key,
