@@ -98,7 +98,9 @@ def load_config(config_path: Path, overrides: list[tuple[str, str]]):
     try:
         cfg = load_yaml_config(str(config_path))
     except yaml.YAMLError as e:
-        raise UsageError(f"{config_path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{config_path} is not valid YAML{where}: {problem}") from None
     except (AttributeError, TypeError):
         cfg = None
     if cfg is None or not isinstance(cfg.raw_config, dict):
