@@ -53,7 +53,18 @@ def test_a_stage_is_skipped_only_when_its_fingerprint_matches(tmp_path):
     stage = demo.Stage(tmp_path, "s", lr=1e-3, upstream="abc")
     stage.dir.mkdir()
     assert not stage.fresh()
-    stage.done(checkpoint="x")
+    stage.done(rows=1)
     assert demo.Stage(tmp_path, "s", lr=1e-3, upstream="abc").fresh()
     assert not demo.Stage(tmp_path, "s", lr=2e-3, upstream="abc").fresh()
     assert not demo.Stage(tmp_path, "s", lr=1e-3, upstream="abd").fresh()
+
+
+def test_a_stage_whose_checkpoint_is_gone_is_not_fresh(tmp_path):
+    stage = demo.Stage(tmp_path, "s", lr=1e-3)
+    (stage.dir / "ckpt").mkdir(parents=True)
+    (stage.dir / "ckpt" / "config.json").write_text("{}")
+    stage.fresh()
+    stage.done(checkpoint=str(stage.dir / "ckpt"))
+    assert demo.Stage(tmp_path, "s", lr=1e-3).fresh()
+    (stage.dir / "ckpt" / "config.json").unlink()
+    assert not demo.Stage(tmp_path, "s", lr=1e-3).fresh()
