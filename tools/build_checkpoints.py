@@ -1,4 +1,4 @@
-"""Build tiny, real checkpoints for the demo and the tests: a teacher and a heterogeneous student.
+"""Build tiny, random-weight checkpoints for the tests: a teacher and a heterogeneous student.
 
 The student is a Puzzletron-style AnyModel checkpoint: its per-layer block configs drop attention
 in one layer, keep fewer KV heads in others and vary the FFN width. It is written with ModelOpt's
@@ -7,7 +7,9 @@ what a Puzzletron pipeline hands to distillation. The teacher is a plain Hugging
 Both carry a byte-level BPE tokenizer trained on English text that ships with every CPython
 (``pydoc_data``), so nothing is downloaded.
 
-    python -m tools.build_checkpoints --out demo_out/ckpts --arch llama
+    python -m tools.build_checkpoints --out /tmp/tiny --arch llama
+
+(``make demo`` trains its own teacher and prunes its student from it: see ``tools/demo.py``.)
 """
 
 import argparse

@@ -27,13 +27,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory
 from modelopt.torch.puzzletron.anymodel.converter.converter_factory import ConverterFactory
 from modelopt.torch.puzzletron.pruning import pruning_utils
 from modelopt.torch.puzzletron.pruning.pruning_utils import GQAInitMode, LinearInitMode, MlpInitMode
 from modelopt.torch.puzzletron.tools.bypassed_training.init_child_from_parent import init_child_from_parent
+from modelopt.torch.puzzletron.tools.checkpoint_utils import load_state_dict
 
 SUBBLOCKS = ("attention", "ffn")
 
@@ -82,11 +82,6 @@ def ffn_channel_importance(state_dict: dict[str, torch.Tensor], num_layers: int)
     }
 
 
-def _anymodel_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
-    return {k: v for f in sorted(set(index["weight_map"].values())) for k, v in load_file(checkpoint / f).items()}
-
-
 def prune(teacher: str | Path, block_configs: list[dict], out: str | Path, descriptor: str = "llama") -> Path:
     """Write the student for ``block_configs`` (one dict per teacher layer) to ``out``; returns ``out``.
 
@@ -104,7 +99,7 @@ def prune(teacher: str | Path, block_configs: list[dict], out: str | Path, descr
             ConverterFactory.get(descriptor).convert(desc, teacher, parent)
         scores_dir = Path(tmp) / "ffn_importance"
         scores_dir.mkdir()
-        torch.save(ffn_channel_importance(_anymodel_state_dict(parent), config["num_hidden_layers"]), scores_dir / "rank_0.pth")
+        torch.save(ffn_channel_importance(load_state_dict(parent), config["num_hidden_layers"]), scores_dir / "rank_0.pth")
         # ModelOpt caches the score file per process; a second call must read its own.
         pruning_utils.ACTIVATIONS_LOG.clear()
         init_child_from_parent(
