@@ -104,7 +104,7 @@ def prune(teacher: str | Path, block_configs: list[dict], out: str | Path, descr
         pruning_utils.ACTIVATIONS_LOG.clear()
         init_child_from_parent(
             descriptor=desc,
-            pruning_mixin=None,
+            pruning_mixin=None,  # ModelOpt's built-in per-layer init, driven by the three modes below
             parent_checkpoint_dir=str(parent),
             model_config_overrides_dict=overrides,
             output_checkpoint_dir=str(out),
