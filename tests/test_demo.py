@@ -5,9 +5,17 @@ import json
 import pytest
 import torch
 
+import patch_automodel
 from conftest import checkpoint_tensors, read_jsonl
 from tools import demo
 from tools.prune_student import prune
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_automodel():
+    """``demo.load_model`` patches AutoModel as ``run.py`` does; later test modules expect it unpatched."""
+    yield
+    patch_automodel.remove_patch()
 
 
 @pytest.fixture(scope="module")
