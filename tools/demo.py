@@ -157,6 +157,7 @@ def dataset_overrides(data_dir: Path, train_rows: int | None = None) -> list[str
 
 
 def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
+    """Steps, batch, AdamW with warmup and cosine decay, one final consolidated checkpoint in ``out_dir``."""
     return [
         f"step_scheduler.max_steps={run['steps']}",
         f"step_scheduler.global_batch_size={run['global_batch']}",
@@ -164,7 +165,7 @@ def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
         f"step_scheduler.val_every_steps={run['val_every']}",
         f"step_scheduler.ckpt_every_steps={run['steps']}",
         "step_scheduler.save_checkpoint_every_epoch=false",  # only the final checkpoint: the demo's output
-        "step_scheduler.num_epochs=1000",
+        "step_scheduler.num_epochs=1000",  # max_steps ends the run; the small data set repeats
         f"optimizer.lr={run['lr']}",
         "optimizer._target_=torch.optim.AdamW",
         "optimizer.weight_decay=0.01",
@@ -184,7 +185,8 @@ def torchrun(mode: str, overrides: list[str], out_dir: Path) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "run", "--mode", mode, "-c", f"{mode}.yaml", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+        sys.exit(f"demo: the --mode {mode} run into {out_dir} failed; its log is above")
     return final_checkpoint(out_dir)
 
 
