@@ -35,6 +35,7 @@ PARALLELISMS = {
     "PP=2": ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2", "step_scheduler.local_batch_size=4"],
 }
 RECIPES = ("ours", "automodel", "pretrain")
+NOISE = ("ChildFailedError", "Connection closed by peer", "Connection reset by peer")
 AUTOMODEL_KD_LOSS = "nemo_automodel.components.loss.kd_loss.KDLoss"
 
 
@@ -75,8 +76,10 @@ def run_case(recipe: str, parallelism: str, args, out_dir: Path) -> dict:
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     log = out_dir / "training.jsonl"
     if result.returncode != 0 or not log.exists():
-        errors = [line for line in result.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
-        return {"error": (errors[-1] if errors else f"exit code {result.returncode}").split("]:")[-1].strip()[:120]}
+        # The root cause, not the other rank's "connection closed" or torchrun's summary.
+        errors = [line.split("]:")[-1].strip() for line in result.stderr.splitlines()
+                  if "Error:" in line and not any(noise in line for noise in NOISE)]
+        return {"error": (errors[0] if errors else f"exit code {result.returncode}")[:120]}
     rows = [json.loads(line) for line in log.read_text().splitlines()][args.warmup:]
     return {
         "step_s": statistics.median(r["num_tokens_per_step"] / r["tps"] for r in rows),
