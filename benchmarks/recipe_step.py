@@ -2,6 +2,7 @@
 
     python benchmarks/recipe_step.py                       # tiny Llama pair, FSDP2 / TP=2 / PP=2 on 2 ranks
     python benchmarks/recipe_step.py --student S --teacher T --data D --descriptor llama
+    python benchmarks/recipe_step.py --demo demo_out --global-batch 32   # the models `make demo` built
     python benchmarks/recipe_step.py --output benchmarks/recipe_step_results.md
 
 Every cell is a real ``torchrun --nproc_per_node=2`` run of the same config through ``run.py``
@@ -29,10 +30,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Overrides and data-parallel size; each rank's local batch is global batch / dp (no accumulation).
 PARALLELISMS = {
-    "FSDP2 (dp=2)": ["step_scheduler.local_batch_size=2"],
-    "TP=2": ["distributed.tp_size=2", "step_scheduler.local_batch_size=4"],
-    "PP=2": ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2", "step_scheduler.local_batch_size=4"],
+    "FSDP2 (dp=2)": ([], 2),
+    "TP=2": (["distributed.tp_size=2"], 1),
+    "PP=2": (["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"], 1),
 }
 RECIPES = ("ours", "automodel", "pretrain")
 NOISE = ("ChildFailedError", "Connection closed by peer", "Connection reset by peer")
@@ -54,17 +56,18 @@ def worker(recipe: str, argv: list[str]) -> None:
 
 def run_case(recipe: str, parallelism: str, args, out_dir: Path) -> dict:
     mode = "pretrain" if recipe == "pretrain" else "kd"
+    parallel, dp = PARALLELISMS[parallelism]
     overrides = [
         f"model.pretrained_model_name_or_path={args.student}",
         f"model.anymodel_descriptor={args.descriptor}",
-        f"dataset.dataset_name={args.data}",
-        f"validation_dataset.dataset_name={args.data}",
+        *args.data_overrides,
         f"step_scheduler.max_steps={args.steps}",
-        "step_scheduler.global_batch_size=4",
+        f"step_scheduler.global_batch_size={args.global_batch}",
+        f"step_scheduler.local_batch_size={args.global_batch // dp}",
         f"step_scheduler.val_every_steps={args.steps + 1}",
         "checkpoint.enabled=false",
         f"checkpoint.checkpoint_dir={out_dir}",
-        *PARALLELISMS[parallelism],
+        *parallel,
     ]
     if mode == "kd":
         overrides.append(f"teacher_model.pretrained_model_name_or_path={args.teacher}")
@@ -88,11 +91,19 @@ def run_case(recipe: str, parallelism: str, args, out_dir: Path) -> dict:
 
 
 def build_tiny(root: Path) -> tuple[Path, Path, Path]:
-    sys.path.insert(0, str(REPO))
     from tools.build_checkpoints import build, write_squad_like_data
 
     paths = build(root / "llama", "llama")
     return paths["student"], paths["teacher"], write_squad_like_data(root / "data")
+
+
+def demo_models(demo_dir: Path) -> tuple[Path, Path, list[str]]:
+    """The pruned student, the pretrained teacher and the column-mapped data of a ``make demo`` run."""
+    from tools.demo import dataset_overrides, final_checkpoint
+
+    if not (demo_dir / "student_init" / "config.json").exists():
+        sys.exit(f"recipe_step.py: error: {demo_dir} holds no demo student; run `make demo` first")
+    return demo_dir / "student_init", final_checkpoint(demo_dir / "teacher"), dataset_overrides(demo_dir / "data")
 
 
 def main():
@@ -101,6 +112,8 @@ def main():
     parser.add_argument("--teacher", type=Path)
     parser.add_argument("--data", type=Path, help="directory with SQuAD-format train.jsonl / validation.jsonl")
     parser.add_argument("--descriptor", default="llama")
+    parser.add_argument("--demo", type=Path, help="benchmark the models of a `make demo` output directory")
+    parser.add_argument("--global-batch", type=int, default=4, help="sequences per step (even, for dp=2)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--port", type=int, default=29561)
@@ -110,13 +123,19 @@ def main():
     if args.worker:
         return worker(args.worker, rest)
 
+    sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.student is None:
-            args.student, args.teacher, args.data = build_tiny(tmp / "ckpts")
+        if args.demo:
+            args.student, args.teacher, args.data_overrides = demo_models(args.demo.resolve())
+        else:
+            if args.student is None:
+                args.student, args.teacher, args.data = build_tiny(tmp / "ckpts")
+            args.data_overrides = [f"dataset.dataset_name={args.data}", f"validation_dataset.dataset_name={args.data}"]
         lines = [
             f"2 CPU ranks (gloo), {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{datetime.date.today()}; {args.steps} steps of global batch 4, medians after {args.warmup} warm-up steps.",
+            f"{datetime.date.today()}; {args.steps} steps of global batch {args.global_batch}, "
+            f"medians after {args.warmup} warm-up steps.",
             "",
             "| parallelism | recipe | step time (s) | tokens/s | vs AutoModel KD | vs pretrain step |",
             "|---|---|---|---|---|---|",
