@@ -53,6 +53,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# AutoModel's FSDP2 default computes in bf16; comparisons between runs need fp32 compute.
+FP32_COMPUTE = [
+    "distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
+    "distributed.mp_policy.param_dtype=float32",
+    "distributed.mp_policy.reduce_dtype=float32",
+]
+
+
 def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: bool = True) -> list[str]:
     """The overrides that point kd.yaml (``teacher=True``) or pretrain.yaml at the tiny
     checkpoints and local data, in fp32."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import FP32_COMPUTE, REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 
 PARALLELISMS = {
     "fsdp2_dp2": [],
@@ -47,6 +47,50 @@ def test_modelopt_layout_loads_on_every_rank(ckpts, tmp_path, parallelism):
         assert set(ranks[0]["student"]["names"]).isdisjoint(ranks[1]["student"]["names"])
     else:
         assert any("Shard(dim=1)" in p for p in ranks[0]["student"]["placements"]), "TP did not shard"
+
+
+@pytest.fixture(scope="module")
+def anymodel_teacher(ckpts, tmp_path_factory):
+    """The tiny Llama teacher converted to ModelOpt's AnyModel layout, as Puzzletron's first step does."""
+    from modelopt.torch.puzzletron.anymodel.converter.convert_any_model import convert_model
+
+    out = tmp_path_factory.mktemp("anymodel_teacher")
+    convert_model(str(ckpts["llama"]["teacher"]), str(out), "llama")
+    assert (out / "subblocks_safetensors").is_dir()
+    return out
+
+
+@pytest.mark.parametrize("parallelism", ["tp2", "pp2"])
+def test_a_converted_anymodel_teacher_loads_on_every_rank_with_its_weights(ckpts, anymodel_teacher, tmp_path,
+                                                                           parallelism):
+    extra = [f"teacher_model.pretrained_model_name_or_path={anymodel_teacher}", "teacher_model.anymodel_descriptor=llama",
+             *PARALLELISMS[parallelism]]
+    ranks = build_report(ckpts, "llama", tmp_path, extra)
+    assert all(r["teacher"]["max_abs_diff"] == 0.0 and r["teacher"]["frozen"] for r in ranks)
+    names = set().union(*(r["teacher"]["names"] for r in ranks))
+    assert names == set(checkpoint_tensors(ckpts["llama"]["teacher"])), "the teacher lost or invented weights"
+    if parallelism == "pp2":
+        assert set(ranks[0]["teacher"]["names"]).isdisjoint(ranks[1]["teacher"]["names"])
+    else:
+        assert any("Shard(dim=1)" in p for p in ranks[0]["teacher"]["placements"]), "TP did not shard the teacher"
+
+
+def test_a_converted_anymodel_teacher_distills_exactly_like_its_hf_original(ckpts, anymodel_teacher, tmp_path):
+    teachers = {
+        "hf": [],
+        "anymodel": [f"teacher_model.pretrained_model_name_or_path={anymodel_teacher}",
+                     "teacher_model.anymodel_descriptor=llama"],
+    }
+    rows = {}
+    for name, teacher_args in teachers.items():
+        out = tmp_path / name
+        result = torchrun(["-m", "run", "--mode", "kd", "-c", "kd.yaml",
+                           *tiny_overrides(ckpts, "llama", out, steps=2), *FP32_COMPUTE, *teacher_args])
+        assert result.returncode == 0, result.stderr[-4000:]
+        rows[name] = read_jsonl(out / "training.jsonl")
+    for hf, anymodel in zip(rows["hf"], rows["anymodel"], strict=True):
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert anymodel[key] == pytest.approx(hf[key], rel=1e-6, abs=1e-9), key
 
 
 def assert_trained(out_dir, steps, kd=True):

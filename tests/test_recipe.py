@@ -12,17 +12,11 @@ import pytest
 from transformers import AutoConfig
 
 import flops
-from conftest import checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import FP32_COMPUTE, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 from tools.build_checkpoints import TINY
 
 STEPS = 5
 PEAK_TFLOPS = 0.001  # a made-up CPU peak, so that mfu is logged
-# AutoModel's FSDP2 default computes in bf16 whatever the weights' dtype; the comparison needs fp32.
-FP32_COMPUTE = [
-    "distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
-    "distributed.mp_policy.param_dtype=float32",
-    "distributed.mp_policy.reduce_dtype=float32",
-]
 # name: (processes, overrides); all with global batch 4.
 RUNS = {
     "single_process": (1, ["step_scheduler.local_batch_size=4", f"mfu_peak_tflops={PEAK_TFLOPS}"]),
