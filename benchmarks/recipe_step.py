@@ -122,6 +122,8 @@ def main():
     args, rest = parser.parse_known_args()
     if args.worker:
         return worker(args.worker, rest)
+    if args.global_batch < 2 or args.global_batch % 2:
+        parser.error(f"--global-batch {args.global_batch}: pass an even number, FSDP2 splits it over 2 ranks")
 
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory() as tmp:
