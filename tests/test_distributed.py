@@ -36,19 +36,6 @@ def test_fsdp2_student_and_teacher_are_sharded_and_hold_the_checkpoint_weights(c
         assert rank["teacher"]["frozen"] and rank["teacher"]["eval"]
 
 
-@pytest.mark.parametrize("parallelism", ["tp2", "pp2"])
-def test_modelopt_layout_loads_on_every_rank(ckpts, tmp_path, parallelism):
-    ranks = build_report(ckpts, "llama", tmp_path, PARALLELISMS[parallelism])
-    for model, key in (("student", "student"), ("teacher", "teacher")):
-        assert all(r[model]["max_abs_diff"] == 0.0 for r in ranks)
-        names = set().union(*(r[model]["names"] for r in ranks))
-        assert names == set(checkpoint_tensors(ckpts["llama"][key])), "a stage lost or invented weights"
-    if parallelism == "pp2":
-        assert set(ranks[0]["student"]["names"]).isdisjoint(ranks[1]["student"]["names"])
-    else:
-        assert any("Shard(dim=1)" in p for p in ranks[0]["student"]["placements"]), "TP did not shard"
-
-
 @pytest.fixture(scope="module")
 def anymodel_teacher(ckpts, tmp_path_factory):
     """The tiny Llama teacher converted to ModelOpt's AnyModel layout, as Puzzletron's first step does."""
@@ -60,19 +47,26 @@ def anymodel_teacher(ckpts, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("teacher_layout", ["hf", "anymodel"])
 @pytest.mark.parametrize("parallelism", ["tp2", "pp2"])
-def test_a_converted_anymodel_teacher_loads_on_every_rank_with_its_weights(ckpts, anymodel_teacher, tmp_path,
-                                                                           parallelism):
-    extra = [f"teacher_model.pretrained_model_name_or_path={anymodel_teacher}", "teacher_model.anymodel_descriptor=llama",
-             *PARALLELISMS[parallelism]]
+def test_modelopt_layout_loads_on_every_rank(ckpts, tmp_path, parallelism, teacher_layout, request):
+    """The student is always in ModelOpt's layout; the teacher in HF layout, or converted to ModelOpt's
+    and loaded with ``teacher_model.anymodel_descriptor``."""
+    extra = list(PARALLELISMS[parallelism])
+    if teacher_layout == "anymodel":
+        extra += [f"teacher_model.pretrained_model_name_or_path={request.getfixturevalue('anymodel_teacher')}",
+                  "teacher_model.anymodel_descriptor=llama"]
     ranks = build_report(ckpts, "llama", tmp_path, extra)
-    assert all(r["teacher"]["max_abs_diff"] == 0.0 and r["teacher"]["frozen"] for r in ranks)
-    names = set().union(*(r["teacher"]["names"] for r in ranks))
-    assert names == set(checkpoint_tensors(ckpts["llama"]["teacher"])), "the teacher lost or invented weights"
-    if parallelism == "pp2":
-        assert set(ranks[0]["teacher"]["names"]).isdisjoint(ranks[1]["teacher"]["names"])
-    else:
-        assert any("Shard(dim=1)" in p for p in ranks[0]["teacher"]["placements"]), "TP did not shard the teacher"
+    assert all(r["teacher"]["frozen"] for r in ranks)
+    for model in ("student", "teacher"):
+        assert all(r[model]["max_abs_diff"] == 0.0 for r in ranks)
+        names = set().union(*(r[model]["names"] for r in ranks))
+        # The converted teacher must hold exactly the HF original's tensors, too.
+        assert names == set(checkpoint_tensors(ckpts["llama"][model])), f"a {model} stage lost or invented weights"
+        if parallelism == "pp2":
+            assert set(ranks[0][model]["names"]).isdisjoint(ranks[1][model]["names"])
+        else:
+            assert any("Shard(dim=1)" in p for p in ranks[0][model]["placements"]), f"TP did not shard the {model}"
 
 
 def test_a_converted_anymodel_teacher_distills_exactly_like_its_hf_original(ckpts, anymodel_teacher, tmp_path):

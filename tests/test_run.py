@@ -15,6 +15,11 @@ def cli(*args, timeout=120):
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def fresh_python(code: str):
+    """Run ``code`` in a new interpreter: what this process has patched already cannot leak into it."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_all_three_override_forms_are_collected():
     mode, config, overrides = run.parse_argv(
         ["--mode", "kd", "kd_ratio=0.9", "--optimizer.lr=1e-4", "--step_scheduler.max_steps", "7"])
@@ -139,19 +144,18 @@ def test_with_cuda_present_nothing_is_patched_for_cpu():
         "assert model_utils._float32_rms_norm_fwd is rms_norm\n"
         "print('untouched')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("untouched")
 
 
 def test_cpu_support_refuses_to_patch_a_cuda_machine():
-    # A fresh interpreter: earlier tests in this process have applied the stand-ins already.
     code = (
         "import torch, cpu_support\n"
         "torch.cuda.is_available = lambda: True\n"
         "cpu_support.apply()\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = fresh_python(code)
     assert result.returncode != 0
     assert "RuntimeError: cpu_support.apply() called on a machine with CUDA" in result.stderr
 
@@ -162,6 +166,6 @@ def test_cpu_memory_stand_in_reports_real_peak_rss():
         "x = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB\n"
         "print(torch.cuda.max_memory_allocated() / 2**20)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = fresh_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) > 256
