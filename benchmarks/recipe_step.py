@@ -103,7 +103,11 @@ def demo_models(demo_dir: Path) -> tuple[Path, Path, list[str]]:
 
     if not (demo_dir / "student_init" / "config.json").exists():
         sys.exit(f"recipe_step.py: error: {demo_dir} holds no demo student; run `make demo` first")
-    return demo_dir / "student_init", final_checkpoint(demo_dir / "teacher"), dataset_overrides(demo_dir / "data")
+    try:
+        teacher = final_checkpoint(demo_dir / "teacher")
+    except FileNotFoundError as e:
+        sys.exit(f"recipe_step.py: error: {e}; run `make demo` first")
+    return demo_dir / "student_init", teacher, dataset_overrides(demo_dir / "data")
 
 
 def main():
