@@ -23,6 +23,7 @@ Three things make that work in a real recipe:
   that folder when the checkpoint has ModelOpt's layout.
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -39,6 +40,7 @@ from modelopt.torch.puzzletron.anymodel import (
 )
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 
+import gpt_oss
 from tp_plan import per_layer_tp_plans
 
 SUBBLOCKS_DIR = "subblocks_safetensors"
@@ -73,6 +75,11 @@ def resolve_descriptor(name: str, checkpoint: str | os.PathLike | None = None):
     return ModelDescriptorFactory.get(name)
 
 
+def build_descriptor(descriptor):
+    """The descriptor to build with: ModelOpt's, or this example's fix of it (``gpt_oss.py``)."""
+    return gpt_oss.GptOssDescriptor if descriptor is gpt_oss.GptOssModelDescriptor else descriptor
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -81,13 +88,15 @@ def _read_json(path: Path):
 
 
 def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path: str | os.PathLike | None,
-                       num_hidden_layers: int | None) -> list[dict] | None:
+                       num_hidden_layers: int | None, *, descriptor: str | None = None,
+                       num_attention_heads: int | None = None) -> list[dict] | None:
     """Per-layer block configs, from the first source that has them.
 
     Order: ``block_configs_path``; ``<checkpoint>/block_configs.json``; ``config.json["block_configs"]``
     (where ModelOpt's ``save_checkpoint`` writes them). ``None`` means a homogeneous model.
     Raises :class:`AnyModelError` for invalid JSON, a non-list, a layer count that differs from
-    ``num_hidden_layers``, or fields ModelOpt's ``BlockConfig`` does not know.
+    ``num_hidden_layers``, or fields ModelOpt's ``BlockConfig`` does not know; with ``descriptor``
+    (a registered name), also for values :func:`check_block_configs` rejects.
     """
     sources = []
     if block_configs_path is not None:
@@ -117,11 +126,60 @@ def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path:
             # ModelOpt drops unknown fields with a warning; a typo must not silently change the model.
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                maybe_cast_block_configs(data)
+                blocks = maybe_cast_block_configs(data)
         except Exception as e:
             raise AnyModelError(f"{path}: invalid block config ({e}); see modelopt.torch.puzzletron.block_config") from None
+        if descriptor is not None:
+            check_block_configs(blocks, DESCRIPTOR_ALIASES.get(descriptor, descriptor), num_attention_heads, path)
         return data
     return None
+
+
+# The block-config fields each ModelOpt descriptor turns into a different layer (with this example's
+# GPT-OSS fix). Any other field set to a non-default value would be ignored by the build.
+_DENSE_FIELDS = {"attention.no_op", "attention.num_key_value_heads", "ffn.no_op", "ffn.intermediate_size"}
+_MOE_FIELDS = {"ffn.moe.num_local_experts", "ffn.moe.num_experts_per_tok", "ffn.moe.expert_intermediate_dim"}
+APPLIED_FIELDS = {
+    "llama": _DENSE_FIELDS, "qwen2": _DENSE_FIELDS, "qwen3": _DENSE_FIELDS, "mistral_small": _DENSE_FIELDS,
+    "gpt_oss": {"attention.no_op", "attention.num_key_value_heads", "ffn.no_op", *_MOE_FIELDS},
+}
+
+
+def _set_fields(config, prefix: str = ""):
+    """``(dotted name, value)`` of every leaf field of a ModelOpt block-config dataclass that is not its default."""
+    for field in dataclasses.fields(config):
+        name, value = prefix + field.name, getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _set_fields(value, name + ".")
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if value != default:
+            yield name, value
+
+
+def check_block_configs(blocks, descriptor: str, num_attention_heads: int | None, source) -> None:
+    """Refuse (:class:`AnyModelError`, one line naming layer and field) block configs the built model would
+    not follow: fields the descriptor ignores, and sizes that cannot build (KV heads that do not divide the
+    attention heads, non-positive widths). ModelOpt's ``BlockConfig`` already refuses a top-k above the
+    expert count."""
+    applied = APPLIED_FIELDS.get(descriptor)
+    for index, block in enumerate(blocks):
+        fields = dict(_set_fields(block))
+        if applied is not None:
+            for name, value in fields.items():
+                if name not in applied and not any(a.startswith(name + ".") for a in applied):
+                    raise AnyModelError(
+                        f"{source}: layer {index} sets {name}={value!r}, which the {descriptor} descriptor does not "
+                        f"apply (the layer would be built without it); fields it applies: {', '.join(sorted(applied))}")
+        kv_heads = fields.get("attention.num_key_value_heads")
+        if kv_heads is not None and not fields.get("attention.no_op") and (
+                kv_heads < 1 or (num_attention_heads and num_attention_heads % kv_heads)):
+            raise AnyModelError(f"{source}: layer {index} has num_key_value_heads={kv_heads}, which does not divide "
+                                f"num_attention_heads={num_attention_heads}; use a divisor of {num_attention_heads}")
+        for name in ("ffn.intermediate_size", *_MOE_FIELDS):
+            if name in fields and not fields.get("ffn.no_op") and fields[name] < 1:
+                raise AnyModelError(f"{source}: layer {index} has {name}={fields[name]}; it must be >= 1 "
+                                    "(use ffn.no_op=true to remove the block)")
 
 
 def _num_hidden_layers(config) -> int | None:
@@ -136,21 +194,25 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
             raise AnyModelError("block_configs_path is set but anymodel_descriptor is not; set model.anymodel_descriptor")
         return original(cls, config_source, *args, **kwargs)
 
-    descriptor = resolve_descriptor(descriptor_name, checkpoint)
+    descriptor = build_descriptor(resolve_descriptor(descriptor_name, checkpoint))
     if isinstance(config_source, (str, os.PathLike)):
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(config_source, trust_remote_code=kwargs.get("trust_remote_code", False))
     else:
         hf_config = config_source
-    block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config))
+    text_config = getattr(hf_config, "text_config", hf_config)
+    block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config),
+                                       descriptor=descriptor_name if descriptor_name != "auto" else None,
+                                       num_attention_heads=getattr(text_config, "num_attention_heads", None))
     kwargs["force_hf"] = True
     # AutoModel parallelizes inside the build; a layer's KV heads may not split over TP ranks.
     with deci_x_patcher(descriptor, block_configs), per_layer_tp_plans():
         model = original(cls, config_source, *args, **kwargs)
-    if block_configs is not None:
-        # Saved checkpoints must rebuild the same layers without the side file.
-        for part in getattr(model, "parts", [model]):
+    for part in getattr(model, "parts", [model]):
+        gpt_oss.fit_experts_kernel(part)
+        if block_configs is not None:
+            # Saved checkpoints must rebuild the same layers without the side file.
             getattr(part, "config", hf_config).block_configs = block_configs
     return model
 
@@ -197,6 +259,7 @@ def apply_patch() -> None:
     NeMoAutoModelForCausalLM.from_pretrained = classmethod(wraps(_impl["from_pretrained"])(_from_pretrained))
     NeMoAutoModelForCausalLM.from_config = classmethod(wraps(_impl["from_config"])(_from_config))
     Checkpointer.load_base_model = wraps(_impl["load_base_model"])(_load_base_model)
+    gpt_oss.install()
 
 
 def remove_patch() -> None:
@@ -209,5 +272,6 @@ def remove_patch() -> None:
         else:
             setattr(NeMoAutoModelForCausalLM, name, _saved[name])
     Checkpointer.load_base_model = _saved["load_base_model"]
+    gpt_oss.uninstall()
     _saved.clear()
     _impl.clear()

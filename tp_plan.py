@@ -44,6 +44,8 @@ from nemo_automodel.components.distributed import model_parallelizer
 from nemo_automodel.components.distributed.parallelizer import ModelParallelizer, _get_parallel_plan
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
+import gpt_oss
+
 BlockMode = Literal["sharded", "replicated", "no_op"]
 LAYER_WILDCARD = ".*."
 # The first name of a per-layer plan key, mapped to the block it belongs to. Norms feed their
@@ -63,10 +65,12 @@ def attention_mode(attn: nn.Module, tp_size: int) -> BlockMode:
 
 
 def mlp_mode(mlp: nn.Module, tp_size: int) -> BlockMode:
-    """How a layer's ``mlp`` is split: by intermediate columns when their count divides ``tp_size``."""
-    if not hasattr(mlp, "down_proj"):
+    """How a layer's ``mlp`` is split: by intermediate columns (of every expert, for GPT-OSS's MoE)
+    when their count divides ``tp_size``."""
+    width = mlp.down_proj.in_features if hasattr(mlp, "down_proj") else gpt_oss.expert_width(mlp)
+    if width is None:
         return "no_op"
-    return "sharded" if mlp.down_proj.in_features % tp_size == 0 else "replicated"
+    return "sharded" if width % tp_size == 0 else "replicated"
 
 
 def layer_modes(layer: nn.Module, tp_size: int) -> dict[str, BlockMode]:
@@ -175,7 +179,11 @@ class AnyModelParallelizer(ModelParallelizer):
         tp_size = device_mesh["tp"].size()
         if tp_size > 1:
             sequence_parallel = kwargs.get("sequence_parallel", False)
-            base_plan = _get_parallel_plan(model, sequence_parallel, kwargs.get("tp_shard_plan"), tp_size=tp_size)
+            user_plan = kwargs.get("tp_shard_plan")
+            if user_plan is None and gpt_oss.is_gpt_oss(model):
+                base_plan = gpt_oss.tp_plan(sequence_parallel)
+            else:
+                base_plan = _get_parallel_plan(model, sequence_parallel, user_plan, tp_size=tp_size)
             kwargs["tp_shard_plan"] = per_layer_tp_plan(model, base_plan, tp_size, sequence_parallel)
         return super()._apply(model, device_mesh, **kwargs)
 

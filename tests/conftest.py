@@ -17,10 +17,10 @@ from tools.build_checkpoints import build, write_squad_like_data  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    """``{"llama": {"teacher", "student"}, "qwen3": {...}, "data": dir}``: teacher in HF layout,
-    heterogeneous student in ModelOpt's AnyModel layout, SQuAD-format local data."""
+    """``{"llama": {"teacher", "student"}, "qwen3": {...}, "gpt_oss": {...}, "data": dir}``: teacher in HF
+    layout, heterogeneous student in ModelOpt's AnyModel layout, SQuAD-format local data."""
     root = tmp_path_factory.mktemp("ckpts")
-    out = {arch: build(root / arch, arch) for arch in ("llama", "qwen3")}
+    out = {arch: build(root / arch, arch) for arch in ("llama", "qwen3", "gpt_oss")}
     out["data"] = write_squad_like_data(root / "data")
     return out
 
@@ -63,11 +63,13 @@ FP32_COMPUTE = [
 
 def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: bool = True) -> list[str]:
     """The overrides that point kd.yaml (``teacher=True``) or pretrain.yaml at the tiny
-    checkpoints and local data, in fp32."""
+    checkpoints and local data, in fp32. A GPT-OSS teacher is built with its descriptor, so that
+    student and teacher are the same (transformers') implementation."""
     paths = ckpts[arch]
     teacher_args = [
         f"teacher_model.pretrained_model_name_or_path={paths['teacher']}",
         "teacher_model.torch_dtype=float32",
+        *([f"teacher_model.anymodel_descriptor={arch}"] if arch == "gpt_oss" else []),
     ]
     return [
         f"model.pretrained_model_name_or_path={paths['student']}",

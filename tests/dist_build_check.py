@@ -1,8 +1,9 @@
 """Run under torchrun by tests/test_distributed.py: set up the real recipe, then report how the
 student and teacher were built. Usage: dist_build_check.py OUT_DIR <run.py arguments...>
 
-Each rank writes ``OUT_DIR/rank<N>.json`` with, per model, whether every parameter is a DTensor
-and the largest difference between its full (unsharded) value and the tensor on disk.
+Each rank writes ``OUT_DIR/rank<N>.json`` with, per model, whether every parameter is a DTensor,
+the largest difference between its full (unsharded) value and the tensor on disk, and each
+parameter's placement on the ``tp`` mesh dimension with its local shape.
 """
 
 import json
@@ -19,6 +20,14 @@ import run  # noqa: E402
 from conftest import checkpoint_tensors  # noqa: E402
 
 
+def _tp_layout(param) -> list:
+    """``[placement on the tp mesh dimension ("none" when not split over it), local shape]``."""
+    names = param.device_mesh.mesh_dim_names or () if isinstance(param, DTensor) else ()
+    placement = str(param.placements[names.index("tp")]) if "tp" in names else "none"
+    local = param.to_local() if isinstance(param, DTensor) else param
+    return [placement, list(local.shape)]
+
+
 def describe(parts, checkpoint) -> dict:
     on_disk = checkpoint_tensors(checkpoint)
     params = {n: p for part in parts for n, p in part.named_parameters()}
@@ -27,6 +36,7 @@ def describe(parts, checkpoint) -> dict:
         full = p.full_tensor() if isinstance(p, DTensor) else p
         diffs[name] = (full.detach().float() - on_disk[name].float()).abs().max().item()
     return {
+        "tp": {name: _tp_layout(p) for name, p in params.items()},
         "all_dtensor": all(isinstance(p, DTensor) for p in params.values()),
         "placements": sorted({str(p.placements) for p in params.values() if isinstance(p, DTensor)}),
         "max_abs_diff": max(diffs.values()),

@@ -24,6 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
 from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
 
+from patch_automodel import build_descriptor
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 # Small enough to train in seconds on 2 CPU cores; head_dim 16 keeps RoPE and SDPA realistic.
@@ -38,7 +40,13 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 
-MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3"}
+MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt_oss": "gpt_oss"}
+# Config fields of an architecture that differ from TINY. GPT-OSS: 4 experts of 64 channels, top-2
+# routing, and sliding-window layers (every other one) whose window is shorter than the test rows.
+ARCH_CONFIG = {
+    "qwen3": dict(head_dim=16),
+    "gpt_oss": dict(head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+}
 
 
 def english_corpus() -> list[str]:
@@ -76,24 +84,36 @@ def student_block_configs(num_layers: int, num_kv_heads: int, intermediate_size:
     ]
 
 
+def gpt_oss_block_configs() -> list[dict]:
+    """A GPT-OSS student that differs from its teacher in every way the block configs allow: KV heads,
+    no attention, and per layer the number of experts, the top-k and the expert width (33 channels do
+    not split over 2 TP ranks, so that layer's experts are replicated under TP=2)."""
+    def moe(experts, top_k, width):
+        return {"no_op": False, "moe": {"num_local_experts": experts, "num_experts_per_tok": top_k,
+                                        "expert_intermediate_dim": width}}
+    return [
+        {"attention": {"no_op": False, "num_key_value_heads": 2}, "ffn": moe(4, 2, 32)},
+        {"attention": {"no_op": True}, "ffn": moe(3, 1, 64)},
+        {"attention": {"no_op": False, "num_key_value_heads": 1}, "ffn": moe(2, 2, 48)},
+        {"attention": {"no_op": False, "num_key_value_heads": 4}, "ffn": moe(4, 1, 33)},
+    ]
+
+
 def make_config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, **overrides):
-    cfg = AutoConfig.for_model(
+    return AutoConfig.for_model(
         MODEL_TYPES[arch],
         vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
-        **{**TINY, **overrides},
+        **{**TINY, **ARCH_CONFIG.get(arch, {}), **overrides},
     )
-    if arch == "qwen3":
-        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return cfg
 
 
 def build_student_model(config, descriptor_name: str, block_configs: list[dict], seed: int):
     torch.manual_seed(seed)
-    descriptor = ModelDescriptorFactory.get(descriptor_name)
+    descriptor = build_descriptor(ModelDescriptorFactory.get(descriptor_name))
     with deci_x_patcher(descriptor, block_configs):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     model.config.block_configs = block_configs
@@ -115,9 +135,12 @@ def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[st
     teacher.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
 
-    blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
+    if arch == "gpt_oss":
+        blocks = gpt_oss_block_configs()
+    else:
+        blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
     student = build_student_model(make_config(arch, vocab_size, tokenizer), arch, blocks, seed + 1)
-    save_checkpoint(student, student_dir, ModelDescriptorFactory.get(arch))
+    save_checkpoint(student, student_dir, build_descriptor(ModelDescriptorFactory.get(arch)))
     tokenizer.save_pretrained(student_dir)
     return {"teacher": teacher_dir, "student": student_dir}
 

@@ -1,0 +1,193 @@
+"""Every descriptor builds the layers its block configs ask for, and GPT-OSS distills the same under
+every parallelism (2 CPU ranks, gloo, fp32) as in one process.
+
+The GPT-OSS student (``tools/build_checkpoints.py --arch gpt_oss``) differs from its teacher per layer in
+KV heads, attention (layer 1 has none), expert count, top-k and expert width (33 channels in layer 3,
+which neither splits over 2 TP ranks nor fits torch's grouped-GEMM alignment), and its sliding-window
+layers (0 and 2) attend to 16 tokens of rows that are longer.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import cpu_support
+import patch_automodel
+from conftest import FP32_COMPUTE, read_jsonl, tiny_overrides, torchrun
+from modelopt.torch.puzzletron.anymodel.puzzformer.no_op import MatchingZeros
+from nemo_automodel import NeMoAutoModelForCausalLM
+
+STEPS = 4
+PP = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"]
+# name: (mode, processes, overrides, checkpoints); all with global batch 4, local batch 4 unless dp=2.
+RUNS = {
+    "single_process": ("kd", 1, [], "window_16"),
+    "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"], "window_16"),
+    "tp2": ("kd", 2, ["distributed.tp_size=2"], "window_16"),
+    "tp2_sequence_parallel": ("kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"], "window_16"),
+    "pp2": ("kd", 2, PP, "window_16"),
+    "single_process_window_512": ("kd", 1, [], "window_512"),
+    "pretrain_single_process": ("pretrain", 1, [], "window_16"),
+    "pretrain_pp2": ("pretrain", 2, PP, "window_16"),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(ckpts, tmp_path_factory):
+    """The session's GPT-OSS pair, and a copy of it whose sliding window (512) covers every row."""
+    wide = tmp_path_factory.mktemp("gpt_oss_window_512")
+    for role in ("teacher", "student"):
+        shutil.copytree(ckpts["gpt_oss"][role], wide / role)
+        config = json.loads((wide / role / "config.json").read_text())
+        (wide / role / "config.json").write_text(json.dumps({**config, "sliding_window": 512}))
+    return {"window_16": ckpts, "window_512": {**ckpts, "gpt_oss": {r: wide / r for r in ("teacher", "student")}}}
+
+
+@pytest.fixture(scope="module")
+def runs(gpt_oss, tmp_path_factory):
+    """``{name: (training rows, validation rows)}`` for every entry of RUNS."""
+    out = {}
+    for name, (mode, nproc, extra, pair) in RUNS.items():
+        out_dir = tmp_path_factory.mktemp(f"gpt_oss_{name}")
+        args = [*tiny_overrides(gpt_oss[pair], "gpt_oss", out_dir, steps=STEPS, teacher=mode == "kd"), *FP32_COMPUTE,
+                "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={STEPS}",
+                "step_scheduler.ckpt_every_steps=100", *extra]
+        result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
+        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
+        out[name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+    return out
+
+
+def assert_same_training(got, ref, keys):
+    (got_train, got_val), (ref_train, ref_val) = got, ref
+    assert [r["step"] for r in got_train] == list(range(STEPS))
+    for g, r in zip(got_train, ref_train, strict=True):
+        for key in keys:
+            assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
+    assert [v["val_loss"] for v in got_val] == pytest.approx([v["val_loss"] for v in ref_val], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2", "tp2_sequence_parallel", "pp2"])
+def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
+    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
+
+
+def test_gpt_oss_pretrain_under_pipeline_parallelism_matches_one_process(runs):
+    assert_same_training(runs["pretrain_pp2"], runs["pretrain_single_process"], ("loss", "grad_norm"))
+
+
+def test_gpt_oss_sliding_window_shapes_the_losses_so_pipeline_parity_proves_it_is_honoured(runs):
+    """Stages that dropped the window would attend like the 512-token window; the PP run matches 16."""
+    narrow, wide = runs["single_process"][0][0], runs["single_process_window_512"][0][0]
+    assert abs(narrow["loss"] - wide["loss"]) > 1e-3 * narrow["loss"]
+    assert abs(narrow["grad_norm"] - wide["grad_norm"]) > 1e-2 * narrow["grad_norm"]
+
+
+def tp_report(ckpts, tmp_path, extra=()):
+    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
+                       *tiny_overrides(ckpts, "gpt_oss", tmp_path / "ckpt"), "distributed.tp_size=2", *extra])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_gpt_oss_tensor_parallelism_splits_heads_sinks_and_expert_channels_per_layer(ckpts, tmp_path):
+    """Layer 0 (4 heads, 2 KV heads, experts 32 wide) is split; layer 2's single KV head and layer 3's 33
+    channels are not, so those blocks stay whole on both ranks. Routers are whole everywhere."""
+    for rank in tp_report(ckpts, tmp_path):
+        student, teacher = rank["student"], rank["teacher"]
+        assert student["max_abs_diff"] == teacher["max_abs_diff"] == 0.0
+        tp = student["tp"]
+        layer = "model.layers.{}."
+        assert tp[layer.format(0) + "self_attn.q_proj.weight"] == ["S(0)", [32, 64]]
+        assert tp[layer.format(0) + "self_attn.k_proj.bias"] == ["S(0)", [16]]
+        assert tp[layer.format(0) + "self_attn.o_proj.weight"] == ["S(1)", [64, 32]]
+        assert tp[layer.format(0) + "self_attn.sinks"] == ["S(0)", [2]]
+        assert tp[layer.format(0) + "mlp.experts.gate_up_proj"] == ["S(2)", [4, 64, 32]]
+        assert tp[layer.format(0) + "mlp.experts.gate_up_proj_bias"] == ["S(1)", [4, 32]]
+        assert tp[layer.format(0) + "mlp.experts.down_proj"] == ["S(1)", [4, 16, 64]]
+        assert tp[layer.format(0) + "mlp.experts.down_proj_bias"] == ["none", [4, 64]]
+        assert tp[layer.format(2) + "self_attn.sinks"] == ["none", [4]]
+        assert tp[layer.format(2) + "self_attn.k_proj.weight"] == ["none", [16, 64]]
+        assert tp[layer.format(2) + "mlp.experts.down_proj"] == ["S(1)", [2, 24, 64]]
+        assert tp[layer.format(3) + "mlp.experts.gate_up_proj"] == ["none", [4, 64, 66]]
+        assert all(tp[layer.format(i) + "mlp.router.weight"][0] == "none" for i in range(4))
+        for i in range(4):  # the homogeneous teacher splits every layer
+            assert teacher["tp"][layer.format(i) + "self_attn.sinks"] == ["S(0)", [2]]
+            assert teacher["tp"][layer.format(i) + "mlp.experts.down_proj"] == ["S(1)", [4, 32, 64]]
+
+
+@pytest.fixture(scope="module")
+def patched():
+    if not torch.cuda.is_available():
+        cpu_support.apply()
+    patch_automodel.apply_patch()
+    yield
+    patch_automodel.remove_patch()
+
+
+def assert_layer_follows_block_config(layer, block, config):
+    """Every field of ``block`` shows in the shapes (or the routing) of ``layer``."""
+    attention, ffn = block["attention"], block["ffn"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if attention.get("no_op"):
+        assert isinstance(layer.self_attn, MatchingZeros) or not hasattr(layer.self_attn, "q_proj")
+    else:
+        kv_heads = attention.get("num_key_value_heads", config.num_key_value_heads)
+        assert layer.self_attn.k_proj.out_features == layer.self_attn.v_proj.out_features == kv_heads * head_dim
+        assert layer.self_attn.q_proj.out_features == config.num_attention_heads * head_dim
+    if ffn.get("no_op"):
+        assert not hasattr(layer.mlp, "down_proj") and not hasattr(layer.mlp, "experts")
+    elif "moe" in ffn:
+        moe = ffn["moe"]
+        experts, width = moe["num_local_experts"], moe["expert_intermediate_dim"]
+        assert tuple(layer.mlp.router.weight.shape) == (experts, config.hidden_size)
+        assert layer.mlp.router.top_k == moe["num_experts_per_tok"]
+        assert tuple(layer.mlp.experts.gate_up_proj.shape) == (experts, config.hidden_size, 2 * width)
+        assert tuple(layer.mlp.experts.down_proj.shape) == (experts, width, config.hidden_size)
+    else:
+        assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_oss"])
+def test_every_layer_has_the_shapes_its_block_config_asks_for(ckpts, arch, patched):
+    student = ckpts[arch]["student"]
+    model = NeMoAutoModelForCausalLM.from_pretrained(str(student), anymodel_descriptor=arch, torch_dtype=torch.float32)
+    blocks = json.loads((student / "config.json").read_text())["block_configs"]
+    for layer, block in zip(model.model.layers, blocks, strict=True):
+        assert_layer_follows_block_config(layer, block, model.config)
+
+
+def test_gpt_oss_expert_layers_too_narrow_for_grouped_gemm_run_the_eager_loop(ckpts, patched):
+    model = NeMoAutoModelForCausalLM.from_pretrained(str(ckpts["gpt_oss"]["student"]), anymodel_descriptor="gpt_oss",
+                                                     torch_dtype=torch.float32)
+    kernels = [layer.mlp.experts.config._experts_implementation for layer in model.model.layers]
+    assert kernels == ["grouped_mm", "grouped_mm", "grouped_mm", "eager"]
+
+
+@pytest.mark.parametrize("arch, field, value, message", [
+    ("gpt_oss", "ffn", {"no_op": False, "intermediate_size": 64},
+     r"layer 0 sets ffn.intermediate_size=64, which the gpt_oss descriptor does not apply"),
+    ("llama", "ffn", {"no_op": False, "moe": {"num_local_experts": 2, "num_experts_per_tok": 1,
+                                              "expert_intermediate_dim": 8}},
+     r"layer 0 sets ffn.moe.num_local_experts=2, which the llama descriptor does not apply"),
+    ("llama", "attention", {"no_op": False, "num_key_value_heads": 2, "replace_with_linear": True},
+     r"layer 0 sets attention.replace_with_linear=True, which the llama descriptor does not apply"),
+    ("llama", "attention", {"no_op": False, "num_key_value_heads": 3},
+     r"layer 0 has num_key_value_heads=3, which does not divide num_attention_heads=4"),
+    ("qwen3", "ffn", {"no_op": False, "intermediate_size": 0}, r"layer 0 has ffn.intermediate_size=0; it must be >= 1"),
+])
+def test_block_config_fields_the_build_would_not_follow_are_refused_before_any_weights(
+        ckpts, tmp_path, arch, field, value, message):
+    blocks = json.loads((ckpts[arch]["student"] / "config.json").read_text())["block_configs"]
+    blocks[0] = {**blocks[0], field: value}
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps(blocks))
+    with pytest.raises(patch_automodel.AnyModelError, match=message):
+        patch_automodel.load_block_configs(ckpts[arch]["student"], path, 4, descriptor=arch, num_attention_heads=4)
+
+
+def test_the_shipped_block_configs_of_every_built_student_are_accepted(ckpts):
+    for arch in ("llama", "qwen3", "gpt_oss"):
+        assert patch_automodel.load_block_configs(ckpts[arch]["student"], None, 4, descriptor=arch, num_attention_heads=4)
