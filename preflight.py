@@ -24,9 +24,12 @@ REQUIRED_PATHS = {
     "kd": ("model.pretrained_model_name_or_path", "teacher_model.pretrained_model_name_or_path"),
     "pretrain": ("model.pretrained_model_name_or_path",),
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+# tekken.json alone is what ModelOpt's copy_tokenizer writes for a Mistral child (transformers 5 + mistral-common).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
 PARALLEL_SIZES = ("tp_size", "pp_size", "cp_size", "ep_size")
 DATASET_KEYS = ("dataset_name", "path_or_dataset")
+# Descriptors for image-text checkpoints, which NeMoAutoModelForCausalLM cannot build (see check_builds_as_causal_lm).
+IMAGE_TEXT_DESCRIPTORS = ("qwen3_vl",)
 
 
 class PreflightError(ValueError):
@@ -143,11 +146,42 @@ def read_checkpoint(cfg, section: str, needs_tokenizer: bool) -> Checkpoint:
     if needs_tokenizer and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise PreflightError(f"{key}={path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); KD and data loading "
                              "read it from there: save the tokenizer into that directory (tokenizer.save_pretrained)")
+    if needs_tokenizer:
+        check_mistral_common_tokenizer(key, path, config.get("model_type"))
     return Checkpoint(section, path, config)
 
 
+def check_mistral_common_tokenizer(key: str, path: str, model_type: str | None) -> None:
+    """A tokenizer file mistral-common reads, where AutoModel loads the tokenizer with mistral-common.
+
+    AutoModel 0.7.0's ``NeMoAutoTokenizer`` (what the KD recipe's tokenizer check and the data loading
+    call) sends the model types of its tokenizer registry's mistral-common entry (``mistral``,
+    ``mistral3``, ``pixtral``, ``ministral3``) to ``MistralCommonBackend``, which reads ``tekken.json``
+    or a SentencePiece ``*.model`` and never ``tokenizer.json``. Without one it fails after setup
+    starts ("No tokenizer file found."). Asks AutoModel's registry, so a patch that re-registers
+    those model types is followed.
+    """
+    from nemo_automodel._transformers.tokenization.registry import TokenizerRegistry
+
+    if model_type is None or not TokenizerRegistry.has_custom_tokenizer(model_type):
+        return
+    if getattr(TokenizerRegistry.get_custom_tokenizer_cls(model_type), "__name__", None) != "MistralCommonBackend":
+        return
+    from mistral_common.tokens.tokenizers.utils import get_one_valid_tokenizer_file
+
+    try:
+        get_one_valid_tokenizer_file(os.listdir(path))
+    except ValueError:
+        raise PreflightError(
+            f"{key}={path} has no tekken.json: AutoModel 0.7.0 loads the tokenizer of model_type={model_type!r} "
+            "with mistral-common, which reads tekken.json (or a SentencePiece *.model), not tokenizer.json; copy "
+            f"tekken.json from the checkpoint this one was made from into {path}") from None
+
+
 def check_anymodel(cfg, ckpt: Checkpoint) -> None:
-    """A known descriptor that matches the checkpoint's ``model_type``, and block configs that fit it."""
+    """A known descriptor that matches the checkpoint's ``model_type``, a model the causal-LM class can build,
+    and block configs that fit it. The mismatch message names the descriptor the user set, also where
+    ModelOpt's auto-detection knows no descriptor for the ``model_type``."""
     section = ckpt.section
     name = cfg.get(f"{section}.anymodel_descriptor", None)
     block_configs_path = cfg.get(f"{section}.block_configs_path", None)
@@ -159,21 +193,79 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
             raise PreflightError(f"{ckpt.key}={ckpt.path} is a heterogeneous (AnyModel) checkpoint; set "
                                  f"{section}.anymodel_descriptor=auto (or its architecture: "
                                  f"{', '.join(patch_automodel.descriptor_names())})")
+        check_runs_without_cuda(ckpt)
         return
+    if ckpt.config is not None:
+        check_builds_as_causal_lm(cfg, ckpt)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints what it detects
             descriptor = patch_automodel.resolve_descriptor(str(name), ckpt.path if name == "auto" else None)
             if ckpt.config is None:
                 return
-            expected = patch_automodel.resolve_descriptor("auto", ckpt.path)
+            expected = _descriptor_for_model_type(ckpt)
+        model_type = ckpt.config.get("model_type")
+        if expected is None:
+            raise PreflightError(f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
+                                 f"model_type={model_type!r}: ModelOpt 0.47 has no descriptor for that model_type")
         if descriptor is not expected:
             raise PreflightError(
                 f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
-                f"model_type={ckpt.config.get('model_type')!r}; set {section}.anymodel_descriptor="
+                f"model_type={model_type!r}; set {section}.anymodel_descriptor="
                 f"{_descriptor_name(expected)} (or auto)")
-        patch_automodel.load_block_configs(ckpt.path, block_configs_path, ckpt.get("num_hidden_layers"))
+        patch_automodel.load_block_configs(ckpt.path, block_configs_path, ckpt.get("num_hidden_layers"),
+                                           descriptor=_descriptor_name(descriptor),
+                                           num_attention_heads=ckpt.get("num_attention_heads"))
     except patch_automodel.AnyModelError as e:
         raise PreflightError(f"{section}: {e}") from None
+
+
+# model_types whose AutoModel 0.7.0 implementation (chosen for plain checkpoints without a descriptor)
+# calls CUDA in its forward, while transformers' implementation (chosen with a descriptor) runs anywhere.
+CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS = {"gpt_oss": "its YaRN rotary embedding calls torch.cuda"}
+
+
+def check_runs_without_cuda(ckpt: Checkpoint) -> None:
+    """On a machine without CUDA, a plain checkpoint must not get an AutoModel implementation that needs it."""
+    import torch
+
+    model_type = ckpt.config.get("model_type") if ckpt.config is not None else None
+    if model_type not in CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS or torch.cuda.is_available():
+        return
+    raise PreflightError(
+        f"{ckpt.key}={ckpt.path} is a {model_type} checkpoint without {ckpt.section}.anymodel_descriptor: AutoModel "
+        f"0.7.0 then uses its own {model_type} implementation, which needs CUDA "
+        f"({CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS[model_type]}); on this CPU-only machine set "
+        f"{ckpt.section}.anymodel_descriptor={model_type} (transformers' implementation)")
+
+
+def check_builds_as_causal_lm(cfg, ckpt: Checkpoint) -> None:
+    """An AnyModel checkpoint that ``NeMoAutoModelForCausalLM`` can build.
+
+    With a descriptor, ``patch_automodel`` builds the model with transformers' own class
+    (``force_hf=True``) through ``NeMoAutoModelForCausalLM``, which only knows the model types of
+    transformers' causal-LM mapping (or a remote-code ``auto_map`` entry). Image-text checkpoints
+    (Qwen3-VL: ``qwen3_vl_moe``) are not among them and would fail in the build ("Unrecognized
+    configuration class"), after the process group is up. Model types transformers knows as neither
+    are left to the build.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = ckpt.config.get("model_type")
+    if (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in ckpt.config.get("auto_map", {})
+            or model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        return
+    name = cfg.get(f"{ckpt.section}.anymodel_descriptor")
+    architecture = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]
+    text_only = [n for n in patch_automodel.descriptor_names() if n not in (*IMAGE_TEXT_DESCRIPTORS, "auto")
+                 and n not in patch_automodel.DESCRIPTOR_ALIASES]
+    raise PreflightError(
+        f"{ckpt.section}.anymodel_descriptor={name}: {ckpt.key}={ckpt.path} has model_type={model_type!r} "
+        f"({architecture}), which AutoModel 0.7.0's NeMoAutoModelForCausalLM, the class this example builds every "
+        f"model with, cannot build: distill a text-only causal-LM checkpoint (anymodel_descriptor "
+        f"{', '.join(text_only)})")
 
 
 def check_same_vocabulary(student: Checkpoint, teacher: Checkpoint) -> None:
@@ -234,6 +326,14 @@ def _is_number(value) -> bool:
 
 def _size(cfg, name: str) -> int:
     return cfg.get(f"distributed.{name}", 1) or 1
+
+
+def _descriptor_for_model_type(ckpt: Checkpoint):
+    """The descriptor class ModelOpt detects for the checkpoint's ``model_type``, or None if it detects none."""
+    try:
+        return patch_automodel.resolve_descriptor("auto", ckpt.path)
+    except patch_automodel.AnyModelError:
+        return None
 
 
 def _descriptor_name(descriptor) -> str:

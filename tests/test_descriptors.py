@@ -18,6 +18,7 @@ import patch_automodel
 from conftest import FP32_COMPUTE, read_jsonl, tiny_overrides, torchrun
 from modelopt.torch.puzzletron.anymodel.puzzformer.no_op import MatchingZeros
 from nemo_automodel import NeMoAutoModelForCausalLM
+from tools.build_checkpoints import build
 
 STEPS = 4
 PP = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"]
@@ -150,9 +151,14 @@ def assert_layer_follows_block_config(layer, block, config):
         assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_oss"])
-def test_every_layer_has_the_shapes_its_block_config_asks_for(ckpts, arch, patched):
-    student = ckpts[arch]["student"]
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt_oss"])
+def test_every_layer_has_the_shapes_its_block_config_asks_for(ckpts, arch, patched, request):
+    student = (request.getfixturevalue("qwen2") if arch == "qwen2" else ckpts[arch])["student"]
     model = NeMoAutoModelForCausalLM.from_pretrained(str(student), anymodel_descriptor=arch, torch_dtype=torch.float32)
     blocks = json.loads((student / "config.json").read_text())["block_configs"]
     for layer, block in zip(model.model.layers, blocks, strict=True):

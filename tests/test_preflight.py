@@ -8,12 +8,16 @@ does the same for one process).
 import json
 import shutil
 import time
+from pathlib import Path
 
+import mistral_common
 import pytest
+import torch
 
 import preflight
 import run
 from conftest import tiny_overrides, torchrun
+from tools.build_checkpoints import TINY, build_tokenizer, student_block_configs, write_squad_like_data
 
 
 def config(ckpts, tmp_path, *extra, mode="kd", arch="llama"):
@@ -21,9 +25,9 @@ def config(ckpts, tmp_path, *extra, mode="kd", arch="llama"):
     return run.load_config(run.HERE / run.MODES[mode], [tuple(o.split("=", 1)) for o in overrides])
 
 
-def error(ckpts, tmp_path, *extra, mode="kd", world_size=1) -> str:
+def error(ckpts, tmp_path, *extra, mode="kd", world_size=1, arch="llama") -> str:
     with pytest.raises(preflight.PreflightError) as e:
-        preflight.check(config(ckpts, tmp_path, *extra, mode=mode), mode, world_size=world_size)
+        preflight.check(config(ckpts, tmp_path, *extra, mode=mode, arch=arch), mode, world_size=world_size)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -37,7 +41,7 @@ def copy_checkpoint(src, dst, drop=(), config_changes=None):
 
 
 @pytest.mark.parametrize("mode", ["kd", "pretrain"])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt_oss"])
 def test_the_tiny_checkpoints_pass_on_one_and_two_processes(ckpts, tmp_path, mode, arch):
     for world_size, extra in ((1, []), (2, []), (2, ["distributed.tp_size=2"]), (2, ["distributed.pp_size=2"])):
         preflight.check(config(ckpts, tmp_path, *extra, mode=mode, arch=arch), mode, world_size=world_size)
@@ -115,6 +119,27 @@ def test_bad_block_configs(ckpts, tmp_path, text, message):
     path = write_block_configs(tmp_path, text)
     msg = error(ckpts, tmp_path, f"model.block_configs_path={path}")
     assert msg.startswith(f"model: {path}") and message in msg
+
+
+def test_block_config_field_the_descriptor_would_ignore_is_refused(ckpts, tmp_path):
+    blocks = json.loads((ckpts["gpt_oss"]["student"] / "config.json").read_text())["block_configs"]
+    blocks[1] = {**blocks[1], "ffn": {"no_op": False, "intermediate_size": 64}}  # a dense width, in an MoE model
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps(blocks))
+    assert error(ckpts, tmp_path, f"model.block_configs_path={path}", arch="gpt_oss") == (
+        f"model: {path}: layer 1 sets ffn.intermediate_size=64, which the gpt_oss descriptor does not apply (the "
+        "layer would be built without it); fields it applies: attention.no_op, attention.num_key_value_heads, "
+        "ffn.moe.expert_intermediate_dim, ffn.moe.num_experts_per_tok, ffn.moe.num_local_experts, ffn.no_op")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="AutoModel's own GPT-OSS runs where CUDA is")
+def test_gpt_oss_teacher_without_descriptor_on_a_cpu_machine_asks_for_the_descriptor(ckpts, tmp_path):
+    teacher = ckpts["gpt_oss"]["teacher"]
+    assert error(ckpts, tmp_path, "teacher_model.anymodel_descriptor=null", arch="gpt_oss") == (
+        f"teacher_model.pretrained_model_name_or_path={teacher} is a gpt_oss checkpoint without "
+        "teacher_model.anymodel_descriptor: AutoModel 0.7.0 then uses its own gpt_oss implementation, which needs "
+        "CUDA (its YaRN rotary embedding calls torch.cuda); on this CPU-only machine set "
+        "teacher_model.anymodel_descriptor=gpt_oss (transformers' implementation)")
 
 
 def test_teacher_with_another_vocab_size_names_both_sizes(ckpts, tmp_path):
@@ -198,3 +223,129 @@ def test_torchrun_bad_teacher_vocab_ends_every_rank_with_the_one_line_cause(ckpt
     summary = result.stderr[result.stderr.rindex("Root Cause"):]
     assert "exitcode  : 2" in summary and f"traceback : {line}" in summary
     assert not (tmp_path / "ck").exists()
+
+
+# Descriptors beyond Llama/Qwen3: Mistral-Small (tokenizer read by mistral-common) and Qwen3-VL (an image-text
+# model). Their tiny checkpoints are built here, once per module, the way tools/build_checkpoints.py builds its own.
+
+TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"  # a real Mistral tokenizer file
+
+
+def _save_anymodel_student(model_cls, config, descriptor_name, blocks, out):
+    from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
+    from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
+
+    descriptor = ModelDescriptorFactory.get(descriptor_name)
+    torch.manual_seed(0)
+    with deci_x_patcher(descriptor, blocks):
+        model = model_cls.from_config(config, dtype=torch.float32)
+    model.config.block_configs = blocks
+    save_checkpoint(model, out, descriptor)
+    return out
+
+
+@pytest.fixture(scope="module")
+def more_ckpts(tmp_path_factory):
+    """``{"mistral": {"teacher", "student"}, "qwen3_vl": {"student"}, "data": dir}``: a Mistral teacher (HF layout)
+    and heterogeneous Mistral-Small student, and a heterogeneous Qwen3-VL-MoE student (ModelOpt's AnyModel layout),
+    all with the byte-level BPE tokenizer as Hugging Face files only (tokenizer.json, no tekken.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    root = tmp_path_factory.mktemp("more_ckpts")
+    tokenizer = build_tokenizer()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    mistral = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), **special, **TINY)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(mistral, dtype=torch.float32).save_pretrained(root / "mistral" / "teacher")
+    blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
+    _save_anymodel_student(AutoModelForCausalLM, mistral, "mistral_small", blocks, root / "mistral" / "student")
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, **special)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    qwen3_vl = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision)
+
+    def moe(experts):
+        return {"no_op": False, "moe": {"num_local_experts": experts, "num_experts_per_tok": 2,
+                                        "expert_intermediate_dim": 32}}
+    vl_blocks = [{"attention": {"no_op": False, "num_key_value_heads": 2}, "ffn": moe(4)},
+                 {"attention": {"no_op": False, "num_key_value_heads": 1}, "ffn": moe(2)}]
+    _save_anymodel_student(AutoModelForImageTextToText, qwen3_vl, "qwen3_vl", vl_blocks, root / "qwen3_vl" / "student")
+
+    out = {"mistral": {"teacher": root / "mistral" / "teacher", "student": root / "mistral" / "student"},
+           "qwen3_vl": {"student": root / "qwen3_vl" / "student"}, "data": write_squad_like_data(root / "data")}
+    for path in (*out["mistral"].values(), out["qwen3_vl"]["student"]):
+        tokenizer.save_pretrained(path)
+    return out
+
+
+def more_config(more_ckpts, tmp_path, student, descriptor, teacher=None, mode="kd"):
+    overrides = [f"model.pretrained_model_name_or_path={student}", f"model.anymodel_descriptor={descriptor}",
+                 f"dataset.dataset_name={more_ckpts['data']}", f"validation_dataset.dataset_name={more_ckpts['data']}",
+                 f"checkpoint.checkpoint_dir={tmp_path / 'ck'}"]
+    if mode == "kd":
+        overrides.append(f"teacher_model.pretrained_model_name_or_path={teacher}")
+    return run.load_config(run.HERE / run.MODES[mode], [tuple(o.split("=", 1)) for o in overrides])
+
+
+def more_error(*args, **kwargs) -> str:
+    mode = kwargs.get("mode", "kd")
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check(more_config(*args, **kwargs), mode, world_size=1)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_mistral_student_with_only_hugging_face_tokenizer_files_names_the_missing_tekken_json(more_ckpts, tmp_path):
+    # AutoModel tokenizes model_type mistral with mistral-common, which fails on tokenizer.json alone
+    # ("No tokenizer file found.") once the recipe starts; preflight names the file instead.
+    student, teacher = more_ckpts["mistral"]["student"], more_ckpts["mistral"]["teacher"]
+    assert more_error(more_ckpts, tmp_path, student, "mistral_small", teacher) == (
+        f"model.pretrained_model_name_or_path={student} has no tekken.json: AutoModel 0.7.0 loads the tokenizer of "
+        "model_type='mistral' with mistral-common, which reads tekken.json (or a SentencePiece *.model), not "
+        f"tokenizer.json; copy tekken.json from the checkpoint this one was made from into {student}")
+
+
+def test_mistral_checkpoints_with_tekken_json_pass_also_when_it_is_their_only_tokenizer_file(more_ckpts, tmp_path):
+    # ModelOpt's copy_tokenizer (transformers 5 with mistral-common) gives a Mistral child tekken.json and nothing else.
+    student = copy_checkpoint(more_ckpts["mistral"]["student"], tmp_path / "s", drop=["tokenizer*"])
+    teacher = copy_checkpoint(more_ckpts["mistral"]["teacher"], tmp_path / "t")
+    for path in (student, teacher):
+        shutil.copy(TEKKEN, path / "tekken.json")
+    preflight.check(more_config(more_ckpts, tmp_path, student, "mistral_small", teacher), "kd", world_size=1)
+
+
+def test_tekken_json_is_required_only_where_automodel_sends_the_model_type_to_mistral_common(more_ckpts, tmp_path,
+                                                                                            monkeypatch):
+    # The check asks AutoModel's tokenizer registry: a patch that takes model_type mistral off mistral-common
+    # (to the Hugging Face tokenizer files) lifts it.
+    from nemo_automodel._transformers.tokenization.registry import TokenizerRegistry
+
+    student = more_ckpts["mistral"]["student"]
+    assert " has no tekken.json: " in more_error(more_ckpts, tmp_path, student, "mistral_small", mode="pretrain")
+    monkeypatch.delitem(TokenizerRegistry.model_type_to_tokenizer, "mistral")
+    preflight.check(more_config(more_ckpts, tmp_path, student, "mistral_small", mode="pretrain"), "pretrain",
+                    world_size=1)
+
+
+@pytest.mark.parametrize("descriptor", ["qwen3_vl", "auto"])
+def test_qwen3_vl_student_is_refused_naming_the_causal_lm_limit_not_descriptor_detection(more_ckpts, tmp_path,
+                                                                                        descriptor):
+    student = more_ckpts["qwen3_vl"]["student"]
+    assert more_error(more_ckpts, tmp_path, student, descriptor, mode="pretrain") == (
+        f"model.anymodel_descriptor={descriptor}: model.pretrained_model_name_or_path={student} has "
+        "model_type='qwen3_vl_moe' (Qwen3VLMoeForConditionalGeneration), which AutoModel 0.7.0's "
+        "NeMoAutoModelForCausalLM, the class this example builds every model with, cannot build: distill a text-only "
+        "causal-LM checkpoint (anymodel_descriptor gpt_oss, llama, mistral_small, nemotron_h, nemotron_h_v2, qwen2, "
+        "qwen3)")
+
+
+def test_descriptor_set_on_a_model_type_modelopt_cannot_detect_names_that_descriptor_not_auto(more_ckpts, tmp_path):
+    student = copy_checkpoint(more_ckpts["mistral"]["student"], tmp_path / "s",
+                              config_changes={"model_type": "qwen3_moe"})
+    assert more_error(more_ckpts, tmp_path, student, "qwen3", mode="pretrain") == (
+        "model.anymodel_descriptor=qwen3 does not match the checkpoint's model_type='qwen3_moe': ModelOpt 0.47 has "
+        "no descriptor for that model_type")

@@ -40,7 +40,7 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 
-MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt_oss": "gpt_oss"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt_oss": "gpt_oss"}
 # Config fields of an architecture that differ from TINY. GPT-OSS: 4 experts of 64 channels, top-2
 # routing, and sliding-window layers (every other one) whose window is shorter than the test rows.
 ARCH_CONFIG = {
