@@ -1,5 +1,5 @@
-"""Every descriptor builds the layers its block configs ask for, and GPT-OSS distills the same under
-every parallelism (2 CPU ranks, gloo, fp32) as in one process.
+"""Every descriptor builds the layers its block configs ask for, and distills the same under every
+parallelism (2 CPU ranks, gloo, fp32) as in one process: GPT-OSS in each, Qwen2 and Qwen3 under TP+SP and PP.
 
 The GPT-OSS student (``tools/build_checkpoints.py --arch gpt_oss``) differs from its teacher per layer in
 KV heads, attention (layer 1 has none), expert count, top-k and expert width (33 channels in layer 3,
@@ -22,17 +22,35 @@ from tools.build_checkpoints import build
 
 STEPS = 4
 PP = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"]
+TP_SP = ["distributed.tp_size=2", "distributed.sequence_parallel=true"]
 # name: (mode, processes, overrides, checkpoints); all with global batch 4, local batch 4 unless dp=2.
-RUNS = {
+GPT_OSS_RUNS = {
     "single_process": ("kd", 1, [], "window_16"),
     "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"], "window_16"),
     "tp2": ("kd", 2, ["distributed.tp_size=2"], "window_16"),
-    "tp2_sequence_parallel": ("kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"], "window_16"),
+    "tp2_sequence_parallel": ("kd", 2, TP_SP, "window_16"),
     "pp2": ("kd", 2, PP, "window_16"),
     "single_process_window_512": ("kd", 1, [], "window_512"),
     "pretrain_single_process": ("pretrain", 1, [], "window_16"),
     "pretrain_pp2": ("pretrain", 2, PP, "window_16"),
 }
+# The dense descriptors share Llama's code paths (tp_plan.py, AutoModel's pipeline split); one run with
+# every split of a layer (TP + SP) and one pipeline run each show their models take them.
+DENSE_RUNS = {"single_process": ("kd", 1, []), "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP)}
+
+
+def train(ckpts, arch, out_dir, mode, nproc, extra):
+    args = [*tiny_overrides(ckpts, arch, out_dir, steps=STEPS, teacher=mode == "kd"), *FP32_COMPUTE,
+            "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={STEPS}",
+            "step_scheduler.ckpt_every_steps=100", *extra]
+    result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
+    assert result.returncode == 0, f"{arch} {out_dir.name}: {result.stderr[-4000:]}"
+    return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("qwen2"), "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +66,18 @@ def gpt_oss(ckpts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(gpt_oss, tmp_path_factory):
-    """``{name: (training rows, validation rows)}`` for every entry of RUNS."""
-    out = {}
-    for name, (mode, nproc, extra, pair) in RUNS.items():
-        out_dir = tmp_path_factory.mktemp(f"gpt_oss_{name}")
-        args = [*tiny_overrides(gpt_oss[pair], "gpt_oss", out_dir, steps=STEPS, teacher=mode == "kd"), *FP32_COMPUTE,
-                "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={STEPS}",
-                "step_scheduler.ckpt_every_steps=100", *extra]
-        result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
-        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
-        out[name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
-    return out
+    """``{name: (training rows, validation rows)}`` for every entry of GPT_OSS_RUNS."""
+    return {name: train(gpt_oss[pair], "gpt_oss", tmp_path_factory.mktemp(f"gpt_oss_{name}"), mode, nproc, extra)
+            for name, (mode, nproc, extra, pair) in GPT_OSS_RUNS.items()}
+
+
+@pytest.fixture(scope="module")
+def dense_runs(ckpts, qwen2, tmp_path_factory):
+    """``{arch: {name: (training rows, validation rows)}}`` for qwen2 and qwen3 and every entry of DENSE_RUNS."""
+    ckpts = {**ckpts, "qwen2": qwen2}
+    return {arch: {name: train(ckpts, arch, tmp_path_factory.mktemp(f"{arch}_{name}"), mode, nproc, extra)
+                   for name, (mode, nproc, extra) in DENSE_RUNS.items()}
+            for arch in ("qwen2", "qwen3")}
 
 
 def assert_same_training(got, ref, keys):
@@ -72,6 +91,13 @@ def assert_same_training(got, ref, keys):
 
 @pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2", "tp2_sequence_parallel", "pp2"])
 def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
+    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["tp2_sequence_parallel", "pp2"])
+def test_dense_descriptors_kd_matches_one_process_split_by_tp_sp_and_pp(dense_runs, arch, name):
+    runs = dense_runs[arch]
     assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
 
 
@@ -149,11 +175,6 @@ def assert_layer_follows_block_config(layer, block, config):
         assert tuple(layer.mlp.experts.down_proj.shape) == (experts, width, config.hidden_size)
     else:
         assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]
-
-
-@pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("qwen2"), "qwen2")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt_oss"])
