@@ -27,7 +27,13 @@ REQUIRED_PATHS = {
 # tekken.json alone is what ModelOpt's copy_tokenizer writes for a Mistral child (transformers 5 + mistral-common).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
 PARALLEL_SIZES = ("tp_size", "pp_size", "cp_size", "ep_size")
-DATASET_KEYS = ("dataset_name", "path_or_dataset")
+DATASET_KEYS = ("dataset_name", "path_or_dataset", "path_or_dataset_id")
+# Hyper-parameters that must be numbers (YAML may give "1e-5" as a string; AutoModel converts those),
+# and step counts that must be positive integers (max_steps may be null: the epochs decide).
+NUMERIC_KEYS = ("optimizer.lr", "optimizer.weight_decay", "optimizer.eps", "clip_grad_norm.max_norm")
+STEP_KEYS = ("step_scheduler.global_batch_size", "step_scheduler.local_batch_size", "step_scheduler.max_steps",
+             "step_scheduler.ckpt_every_steps", "step_scheduler.val_every_steps", "step_scheduler.num_epochs")
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own cap on the JSON header
 # Descriptors for image-text checkpoints, which NeMoAutoModelForCausalLM cannot build (see check_builds_as_causal_lm).
 IMAGE_TEXT_DESCRIPTORS = ("qwen3_vl",)
 
@@ -60,11 +66,15 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
     """
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "kd" and cfg.get("teacher_model", None) is None:
+        raise PreflightError("the config has no teacher_model section, which --mode kd needs (with kd_ratio and "
+                             "kd_loss_fn): start from kd.yaml, or train without a teacher with --mode pretrain")
     for key in REQUIRED_PATHS[mode]:
         if cfg.get(key, None) is None:
             raise PreflightError(f"{key} is not set; pass {key}=/path/to/checkpoint")
     if mode == "kd":
         check_kd_config(cfg)
+    check_numbers(cfg)
     check_parallel_sizes(cfg, world_size)
 
     needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
@@ -77,6 +87,7 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_same_vocabulary(student, teacher)
         models.append(teacher)
     for model in models:
+        check_weight_files(model)
         check_fits_parallelism(cfg, model)
     for section in ("dataset", "validation_dataset"):
         check_dataset(cfg, section)
@@ -96,6 +107,18 @@ def check_kd_config(cfg) -> None:
     if _size(cfg, "pp_size") > 1 and _size(cfg, "cp_size") > 1:
         raise PreflightError("distributed.pp_size > 1 with distributed.cp_size > 1 is not supported for KD; "
                              "set one of them to 1")
+
+
+def check_numbers(cfg) -> None:
+    """Numeric hyper-parameters are numbers and step counts positive integers, wherever the config sets them."""
+    for key in NUMERIC_KEYS:
+        value = cfg.get(key, None)
+        if value is not None and not _is_number(value) and not _is_numeric_string(value):
+            raise PreflightError(f"{key}={value!r} is not a number; pass one, e.g. {key}=1e-5")
+    for key in STEP_KEYS:
+        value = cfg.get(key, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise PreflightError(f"{key}={value!r} must be an integer >= 1")
 
 
 def check_parallel_sizes(cfg, world_size: int) -> None:
@@ -176,6 +199,50 @@ def check_mistral_common_tokenizer(key: str, path: str, model_type: str | None) 
             f"{key}={path} has no tekken.json: AutoModel 0.7.0 loads the tokenizer of model_type={model_type!r} "
             "with mistral-common, which reads tekken.json (or a SentencePiece *.model), not tokenizer.json; copy "
             f"tekken.json from the checkpoint this one was made from into {path}") from None
+
+
+def check_weight_files(ckpt: Checkpoint) -> None:
+    """Every weight file the checkpoint's index lists exists and has a readable safetensors header."""
+    if ckpt.config is None:
+        return
+    root = Path(ckpt.path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise PreflightError(f"{index} is not a valid safetensors index ({e!r}); re-save the checkpoint") from None
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+    for name in files:
+        path = root / name
+        if not path.is_file():
+            raise PreflightError(f"{ckpt.key}={ckpt.path}: {name} is listed in model.safetensors.index.json but "
+                                 "missing; copy the whole checkpoint directory again")
+        problem = _safetensors_header_problem(path)
+        if problem:
+            raise PreflightError(f"{ckpt.key}={ckpt.path}: {name} {problem}; the file is damaged or was only "
+                                 "partly copied: copy it again")
+
+
+def _safetensors_header_problem(path: Path) -> str | None:
+    """Why the file's safetensors header cannot be read (None if it can). Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"has {size} bytes, fewer than a safetensors header"
+        length = int.from_bytes(prefix, "little")
+        if length > SAFETENSORS_HEADER_LIMIT or 8 + length > size:
+            return f"is truncated ({size} bytes; its header alone claims {8 + length})"
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "has an unreadable safetensors header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        return f"is truncated ({size} bytes; its tensors end at byte {8 + length + end})"
+    return None
 
 
 def check_anymodel(cfg, ckpt: Checkpoint) -> None:
@@ -307,17 +374,38 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
 
 
 def check_dataset(cfg, section: str) -> None:
-    """A local dataset path must exist (hub ids are left to the datasets library)."""
+    """A local dataset path must exist and its file for this split must hold rows (hub ids are left to the
+    datasets library)."""
     for name in DATASET_KEYS:
         value = cfg.get(f"{section}.{name}", None)
-        if isinstance(value, str) and not _is_hub_id(value) and not os.path.exists(value):
+        if not isinstance(value, str) or _is_hub_id(value):
+            continue
+        if not os.path.exists(value):
             raise PreflightError(f"{section}.{name}={value} does not exist; pass a directory with train.jsonl / "
                                  "validation.jsonl or a hub dataset id")
+        split = cfg.get(f"{section}.split", None)
+        data_file = Path(value) / f"{split}.jsonl" if os.path.isdir(value) and split else Path(value)
+        if data_file.suffix in (".jsonl", ".json") and data_file.is_file() and not _has_rows(data_file):
+            raise PreflightError(f"{section}.{name}={value}: {data_file} has no rows; point it at a file with at "
+                                 "least one JSON line")
 
 
 def _is_hub_id(value: str) -> bool:
     # "org/name" or "name" that is not on disk; "/abs", "./rel", "~/x" and "a/b/c" are local paths.
     return not os.path.exists(value) and not value.startswith((".", "/", "~")) and value.count("/") <= 1
+
+
+def _has_rows(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _is_numeric_string(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 def _is_number(value) -> bool:

@@ -149,6 +149,9 @@ def prepare(argv: list[str]):
     on_cpu = setup_runtime()
     # After the patch: the config's `_target_` must resolve to the patched from_pretrained.
     cfg = load_config(config_path, overrides)
+    if mode == "kd" and cfg.get("kd_loss_fn", None) is None and cfg.get("teacher_model", None) is not None:
+        # AutoModel's fallback (KLDivLoss) fails at step 0 on num_batch_labels; ours is the documented default.
+        cfg.set_by_dotted("kd_loss_fn._target_", "loss.KDLoss")
     import preflight
 
     preflight.check(cfg, mode)

@@ -349,3 +349,66 @@ def test_descriptor_set_on_a_model_type_modelopt_cannot_detect_names_that_descri
     assert more_error(more_ckpts, tmp_path, student, "qwen3", mode="pretrain") == (
         "model.anymodel_descriptor=qwen3 does not match the checkpoint's model_type='qwen3_moe': ModelOpt 0.47 has "
         "no descriptor for that model_type")
+
+
+# --------------------------------------------------------------------------- late errors made early
+
+
+def test_truncated_weight_file_is_named(ckpts, tmp_path):
+    student = copy_checkpoint(ckpts["llama"]["student"], tmp_path / "s")
+    shard = student / "subblocks_safetensors" / "block_0_ffn.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert error(ckpts, tmp_path, f"model.pretrained_model_name_or_path={student}") == (
+        f"model.pretrained_model_name_or_path={student}: subblocks_safetensors/block_0_ffn.safetensors is truncated "
+        f"({shard.stat().st_size} bytes; its tensors end at byte {shard.stat().st_size + 100}); the file is damaged "
+        "or was only partly copied: copy it again")
+
+
+def test_weight_file_listed_in_the_index_but_missing_is_named(ckpts, tmp_path):
+    student = copy_checkpoint(ckpts["llama"]["student"], tmp_path / "s")
+    (student / "subblocks_safetensors" / "lm_head.safetensors").unlink()
+    assert error(ckpts, tmp_path, f"model.pretrained_model_name_or_path={student}") == (
+        f"model.pretrained_model_name_or_path={student}: subblocks_safetensors/lm_head.safetensors is listed in "
+        "model.safetensors.index.json but missing; copy the whole checkpoint directory again")
+
+
+def test_dataset_file_without_rows_is_named(ckpts, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ckpts["data"], data)
+    (data / "train.jsonl").write_text("\n")
+    assert error(ckpts, tmp_path, f"dataset.dataset_name={data}") == (
+        f"dataset.dataset_name={data}: {data}/train.jsonl has no rows; point it at a file with at least one JSON line")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=abc", "optimizer.lr='abc' is not a number; pass one, e.g. optimizer.lr=1e-5"),
+    ("step_scheduler.max_steps=0", "step_scheduler.max_steps=0 must be an integer >= 1"),
+    ("step_scheduler.local_batch_size=two", "step_scheduler.local_batch_size='two' must be an integer >= 1"),
+])
+def test_hyper_parameters_that_are_not_numbers(ckpts, tmp_path, override, message):
+    assert error(ckpts, tmp_path, override) == message
+
+
+def test_numbers_yaml_reads_as_strings_pass(ckpts, tmp_path):
+    preflight.check(config(ckpts, tmp_path, "optimizer.lr=1e-5", "optimizer.eps=1e-8"), "kd", world_size=1)
+
+
+def test_kd_mode_with_the_pretrain_config_says_to_start_from_kd_yaml(ckpts, tmp_path):
+    overrides = [tuple(o.split("=", 1)) for o in tiny_overrides(ckpts, "llama", tmp_path / "ck", teacher=False)]
+    cfg = run.load_config(run.HERE / "pretrain.yaml", overrides)
+    with pytest.raises(preflight.PreflightError, match="^the config has no teacher_model section, which --mode kd "
+                                                       "needs .*: start from kd.yaml"):
+        preflight.check(cfg, "kd", world_size=1)
+
+
+def test_a_kd_config_without_kd_loss_fn_distills_with_this_examples_loss(ckpts, tmp_path):
+    import yaml
+
+    sections = yaml.safe_load((run.HERE / "kd.yaml").read_text())
+    del sections["kd_loss_fn"]
+    config = tmp_path / "kd_no_loss.yaml"
+    config.write_text(yaml.safe_dump(sections))
+    _, cfg = run.prepare(["--mode", "kd", "-c", str(config), *tiny_overrides(ckpts, "llama", tmp_path / "ck")])
+    import loss
+
+    assert cfg.kd_loss_fn._target_ is loss.KDLoss
