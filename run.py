@@ -171,7 +171,7 @@ def user_error_types() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": printed as one line, exit code 2, no traceback."""
     types = [UsageError]
     for module, name in (("preflight", "PreflightError"), ("patch_automodel", "AnyModelError"),
-                         ("recipe", "NonFiniteLossError")):
+                         ("recipe", "NonFiniteLossError"), ("checkpoint_lock", "CheckpointDirLockedError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -189,9 +189,18 @@ def report_error(line: str, usage: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     Recipe, cfg = prepare(sys.argv[1:] if argv is None else argv)
-    recipe = Recipe(cfg)
-    recipe.setup()
-    recipe.run_train_validation_loop()
+    lock = None
+    if cfg.get("checkpoint.enabled", True) and cfg.get("checkpoint.checkpoint_dir", None):
+        from checkpoint_lock import CheckpointDirLock
+
+        lock = CheckpointDirLock(cfg.get("checkpoint.checkpoint_dir")).acquire()
+    try:
+        recipe = Recipe(cfg)
+        recipe.setup()
+        recipe.run_train_validation_loop()
+    finally:
+        if lock is not None:
+            lock.release()
     import torch.distributed as dist
 
     if dist.is_initialized():
