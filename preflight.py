@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import patch_automodel
+import resume
 from loss import DIVERGENCES
 
 # Keys that must name a checkpoint before anything is built, per mode.
@@ -91,6 +92,7 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_fits_parallelism(cfg, model)
     for section in ("dataset", "validation_dataset"):
         check_dataset(cfg, section)
+    resume.check_same_student(cfg)
 
 
 def check_kd_config(cfg) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+import resume
+
 HERE = Path(__file__).resolve().parent
 MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
 USAGE = "usage: python -m run --mode {kd,pretrain} [-c CONFIG] [key=value | --key=value | --key value ...]"
@@ -133,6 +135,7 @@ def setup_runtime() -> bool:
 
         cpu_support.apply()
     patch_automodel.apply_patch()
+    resume.install()
     # AutoModel resolves `_target_` only in allowlisted or already-imported modules.
     import loss  # noqa: F401
 
@@ -155,6 +158,10 @@ def prepare(argv: list[str]):
     import preflight
 
     preflight.check(cfg, mode)
+    restore_from = resume.restore_target(cfg)
+    if restore_from is not None:
+        # This student's own checkpoint (preflight compared them): AutoModel would compare path strings.
+        cfg.set_by_dotted("checkpoint.restore_from", restore_from)
     if on_cpu:
         import cpu_support
 
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         from checkpoint_lock import CheckpointDirLock
 
         lock = CheckpointDirLock(cfg.get("checkpoint.checkpoint_dir")).acquire()
+        resume.record_student(cfg)
     try:
         recipe = Recipe(cfg)
         recipe.setup()
