@@ -41,6 +41,7 @@ from modelopt.torch.puzzletron.anymodel import (
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 
 import gpt_oss
+import nemotron_h
 from tp_plan import per_layer_tp_plans
 
 SUBBLOCKS_DIR = "subblocks_safetensors"
@@ -66,7 +67,7 @@ def resolve_descriptor(name: str, checkpoint: str | os.PathLike | None = None):
         if checkpoint is None:
             raise AnyModelError("anymodel_descriptor=auto needs a checkpoint path to read model_type from")
         try:
-            return resolve_descriptor_from_pretrained(str(checkpoint))
+            return nemotron_h.refine_auto(resolve_descriptor_from_pretrained(str(checkpoint)), checkpoint)
         except ValueError as e:
             raise AnyModelError(f"anymodel_descriptor=auto: {e}; set one of {descriptor_names()}") from None
     name = DESCRIPTOR_ALIASES.get(name, name)
@@ -76,8 +77,10 @@ def resolve_descriptor(name: str, checkpoint: str | os.PathLike | None = None):
 
 
 def build_descriptor(descriptor):
-    """The descriptor to build with: ModelOpt's, or this example's fix of it (``gpt_oss.py``)."""
-    return gpt_oss.GptOssDescriptor if descriptor is gpt_oss.GptOssModelDescriptor else descriptor
+    """The descriptor to build with: ModelOpt's, or this example's fix of it (``gpt_oss.py``, ``nemotron_h.py``)."""
+    if descriptor is gpt_oss.GptOssModelDescriptor:
+        return gpt_oss.GptOssDescriptor
+    return nemotron_h.fixed_descriptor(descriptor)
 
 
 def _read_json(path: Path):
@@ -142,6 +145,7 @@ _MOE_FIELDS = {"ffn.moe.num_local_experts", "ffn.moe.num_experts_per_tok", "ffn.
 APPLIED_FIELDS = {
     "llama": _DENSE_FIELDS, "qwen2": _DENSE_FIELDS, "qwen3": _DENSE_FIELDS, "mistral_small": _DENSE_FIELDS,
     "gpt_oss": {"attention.no_op", "attention.num_key_value_heads", "ffn.no_op", *_MOE_FIELDS},
+    **nemotron_h.APPLIED_FIELDS,
 }
 
 
@@ -151,6 +155,9 @@ def _set_fields(config, prefix: str = ""):
         name, value = prefix + field.name, getattr(config, field.name)
         if dataclasses.is_dataclass(value):
             yield from _set_fields(value, name + ".")
+            continue
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            yield name, value  # a required field (e.g. of a Mamba config) is always set
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if value != default:
@@ -195,6 +202,10 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
         return original(cls, config_source, *args, **kwargs)
 
     descriptor = build_descriptor(resolve_descriptor(descriptor_name, checkpoint))
+    try:
+        nemotron_h.prepare_checkpoint(descriptor, config_source, kwargs)  # remote code, cached before the patch
+    except nemotron_h.AnyModelError as e:
+        raise AnyModelError(str(e)) from None
     if isinstance(config_source, (str, os.PathLike)):
         from transformers import AutoConfig
 
@@ -205,6 +216,10 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
     block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config),
                                        descriptor=descriptor_name if descriptor_name != "auto" else None,
                                        num_attention_heads=getattr(text_config, "num_attention_heads", None))
+    try:
+        nemotron_h.prepare_config(descriptor, hf_config, block_configs, block_configs_path or checkpoint, kwargs)
+    except nemotron_h.AnyModelError as e:
+        raise AnyModelError(str(e)) from None
     kwargs["force_hf"] = True
     # AutoModel parallelizes inside the build; a layer's KV heads may not split over TP ranks.
     with deci_x_patcher(descriptor, block_configs), per_layer_tp_plans():
@@ -260,6 +275,7 @@ def apply_patch() -> None:
     NeMoAutoModelForCausalLM.from_config = classmethod(wraps(_impl["from_config"])(_from_config))
     Checkpointer.load_base_model = wraps(_impl["load_base_model"])(_load_base_model)
     gpt_oss.install()
+    nemotron_h.install()
 
 
 def remove_patch() -> None:
@@ -273,5 +289,6 @@ def remove_patch() -> None:
             setattr(NeMoAutoModelForCausalLM, name, _saved[name])
     Checkpointer.load_base_model = _saved["load_base_model"]
     gpt_oss.uninstall()
+    nemotron_h.uninstall()
     _saved.clear()
     _impl.clear()

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nemotron_h
 import patch_automodel
 import resume
 from loss import DIVERGENCES
@@ -276,7 +277,7 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
         if expected is None:
             raise PreflightError(f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
                                  f"model_type={model_type!r}: ModelOpt 0.47 has no descriptor for that model_type")
-        if descriptor is not expected:
+        if descriptor is not expected and not nemotron_h.same_model_type(descriptor, expected):
             raise PreflightError(
                 f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
                 f"model_type={model_type!r}; set {section}.anymodel_descriptor="
@@ -290,7 +291,8 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
 
 # model_types whose AutoModel 0.7.0 implementation (chosen for plain checkpoints without a descriptor)
 # calls CUDA in its forward, while transformers' implementation (chosen with a descriptor) runs anywhere.
-CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS = {"gpt_oss": "its YaRN rotary embedding calls torch.cuda"}
+CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS = {"gpt_oss": "its YaRN rotary embedding calls torch.cuda",
+                                       "nemotron_h": "its Mamba-2 layers import mamba_ssm's CUDA kernels"}
 
 
 def check_runs_without_cuda(ckpt: Checkpoint) -> None:
@@ -362,6 +364,10 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     if ckpt.config is None:
         return
     pp_size, tp_size = _size(cfg, "pp_size"), _size(cfg, "tp_size")
+    problem = nemotron_h.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
+                                             ckpt.config.get("model_type"), _size(cfg, "cp_size"))
+    if problem is not None:
+        raise PreflightError(problem)
     layers = ckpt.get("num_hidden_layers")
     if layers is not None and pp_size > layers:
         raise PreflightError(f"distributed.pp_size={pp_size} is more than {ckpt.section}'s {layers} layers; "

@@ -45,6 +45,7 @@ from nemo_automodel.components.distributed.parallelizer import ModelParallelizer
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
 import gpt_oss
+import nemotron_h
 
 BlockMode = Literal["sharded", "replicated", "no_op"]
 LAYER_WILDCARD = ".*."
@@ -180,6 +181,9 @@ class AnyModelParallelizer(ModelParallelizer):
         if tp_size > 1:
             sequence_parallel = kwargs.get("sequence_parallel", False)
             user_plan = kwargs.get("tp_shard_plan")
+            if user_plan is None and nemotron_h.is_nemotron_h(model):  # already per layer
+                kwargs["tp_shard_plan"] = nemotron_h.tp_plan(model, tp_size, sequence_parallel)
+                return super()._apply(model, device_mesh, **kwargs)
             if user_plan is None and gpt_oss.is_gpt_oss(model):
                 base_plan = gpt_oss.tp_plan(sequence_parallel)
             else:
@@ -199,7 +203,10 @@ def per_layer_tp_plans():
 
     def get_model_parallelizer(model: nn.Module) -> ModelParallelizer:
         parallelizer = original(model)
-        return ANYMODEL_PARALLELIZER if type(parallelizer) is ModelParallelizer else parallelizer
+        # Nemotron-H brings AutoModel's own policy (MLP-only TP, no SP); the per-layer plan replaces it.
+        if type(parallelizer) is ModelParallelizer or nemotron_h.is_nemotron_h(model):
+            return ANYMODEL_PARALLELIZER
+        return parallelizer
 
     model_parallelizer.get_model_parallelizer = get_model_parallelizer
     try:

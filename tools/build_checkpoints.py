@@ -13,6 +13,7 @@ Both carry a byte-level BPE tokenizer trained on English text that ships with ev
 """
 
 import argparse
+import copy
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
+from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
 
 from patch_automodel import build_descriptor
@@ -125,6 +127,8 @@ def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[st
 
     Returns the two paths. Deterministic for a given ``seed``.
     """
+    if arch in NEMOTRON_H_ARCHS:
+        return build_nemotron_h(out, arch, seed)
     out = Path(out)
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer)
@@ -141,6 +145,93 @@ def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[st
         blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
     student = build_student_model(make_config(arch, vocab_size, tokenizer), arch, blocks, seed + 1)
     save_checkpoint(student, student_dir, build_descriptor(ModelDescriptorFactory.get(arch)))
+    tokenizer.save_pretrained(student_dir)
+    return {"teacher": teacher_dir, "student": student_dir}
+
+
+# Nemotron-H: a hybrid of Mamba-2 (M), attention (*), MLP (-) and MoE (E) layers, one mixer per layer.
+# ``nemotron_h`` is the MoE generation (Nemotron-3 Nano: M, * and E layers; ModelOpt's descriptor saves no
+# plain MLP layers), ``nemotron_h_v2`` the dense one (Nemotron Nano v2: M, * and - layers). Both checkpoints
+# carry the remote-code modeling file that ModelOpt's descriptors look for (``tools/nemotron_h_remote/``).
+NEMOTRON_H_ARCHS = {"nemotron_h": "M*EM*E", "nemotron_h_v2": "M*-M*-"}
+NEMOTRON_H_REMOTE_CODE = Path(__file__).resolve().parent / "nemotron_h_remote"
+NEMOTRON_H_AUTO_MAP = {
+    "AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+    "AutoModel": "modeling_nemotron_h.NemotronHModel",
+    "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM",
+}
+NEMOTRON_H_TINY = dict(
+    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=192,
+    mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, moe_shared_expert_intermediate_size=64,
+    n_group=1, topk_group=1, max_position_embeddings=512, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+    use_cache=False,
+)
+
+
+def nemotron_h_block_configs(arch: str) -> list[dict]:
+    """A student that differs from its teacher wherever ModelOpt's Nemotron-H descriptors apply a block config:
+    KV heads (layer 1 keeps 2 of 2, layer 4 keeps 1), FFN width (``nemotron_h_v2``: 96 and 33 of 192) or
+    expert count and width (``nemotron_h``: 3 of 4 experts 32 wide, 4 experts 48 wide), and a removed
+    Mamba layer (layer 3: attention and FFN both no-op). Mamba, attention and MoE layers keep the
+    fields ModelOpt's converter writes for them."""
+    mamba = {"no_op": False, "mamba": {"state_dim": 16, "num_heads": 4, "head_dim": 16, "num_groups": 2}}
+    no_attention, no_ffn = {"no_op": True}, {"no_op": True}
+
+    def attention(kv_heads):
+        return {"attention": {"no_op": False, "num_key_value_heads": kv_heads}, "ffn": no_ffn}
+
+    def ffn(width):
+        return {"attention": no_attention, "ffn": {"no_op": False, "intermediate_size": width}}
+
+    def moe(experts, width):
+        return {"attention": no_attention, "ffn": {"no_op": False, "moe": {
+            "num_local_experts": experts, "num_experts_per_tok": 2, "expert_intermediate_dim": width,
+            "shared_expert_intermediate_dim": 64}}}
+
+    first, second = (moe(3, 32), moe(4, 48)) if arch == "nemotron_h" else (ffn(96), ffn(33))
+    return [{"attention": mamba, "ffn": no_ffn}, attention(2), first,
+            {"attention": no_attention, "ffn": no_ffn}, attention(1), second]
+
+
+def build_nemotron_h(out: str | os.PathLike, arch: str, seed: int = 0) -> dict[str, Path]:
+    """``build`` for Nemotron-H: a 6-layer teacher (pattern ``NEMOTRON_H_ARCHS[arch]``) and a student with
+    :func:`nemotron_h_block_configs`, both in the remote-code layout (``backbone.*``, ``auto_map``) with the
+    modeling file beside the weights; the student in ModelOpt's AnyModel layout (``save_checkpoint``)."""
+    import shutil
+
+    from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import force_cache_dynamic_modules
+
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    teacher_dir, student_dir = out / "teacher", out / "student"
+    teacher_dir.mkdir(parents=True, exist_ok=True)
+    for source in NEMOTRON_H_REMOTE_CODE.glob("*.py"):
+        shutil.copy(source, teacher_dir / source.name)
+    fields = dict(NEMOTRON_H_TINY, vocab_size=len(tokenizer), hybrid_override_pattern=NEMOTRON_H_ARCHS[arch],
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, torch_dtype="float32", model_type="nemotron_h",
+                  architectures=["NemotronHForCausalLM"], auto_map=NEMOTRON_H_AUTO_MAP)
+    (teacher_dir / "config.json").write_text(json.dumps(fields, indent=2))
+    config = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=True)
+    force_cache_dynamic_modules(config, teacher_dir, trust_remote_code=True)
+
+    torch.manual_seed(seed)
+    teacher = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, trust_remote_code=True)
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    blocks = nemotron_h_block_configs(arch)
+    descriptor = build_descriptor(ModelDescriptorFactory.get(arch))
+    student_config = copy.deepcopy(config)
+    student_config.block_configs = maybe_cast_block_configs(blocks)
+    torch.manual_seed(seed + 1)
+    with deci_x_patcher(descriptor, blocks):
+        student = AutoModelForCausalLM.from_config(student_config, torch_dtype=torch.float32, trust_remote_code=True)
+    student.config.block_configs = blocks
+    save_checkpoint(student, student_dir, descriptor)
+    for source in NEMOTRON_H_REMOTE_CODE.glob("*.py"):  # ModelOpt's saver copies the config's module only
+        shutil.copy(source, student_dir / source.name)
     tokenizer.save_pretrained(student_dir)
     return {"teacher": teacher_dir, "student": student_dir}
 
@@ -174,7 +265,7 @@ def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to write teacher/, student/ and data/ into")
-    parser.add_argument("--arch", default="llama", choices=sorted(MODEL_TYPES))
+    parser.add_argument("--arch", default="llama", choices=sorted([*MODEL_TYPES, *NEMOTRON_H_ARCHS]))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     paths = build(args.out, args.arch, args.seed)
