@@ -42,6 +42,7 @@ from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 
 import gpt_oss
 import nemotron_h
+import qwen3_vl
 from tp_plan import per_layer_tp_plans
 
 SUBBLOCKS_DIR = "subblocks_safetensors"
@@ -69,6 +70,8 @@ def resolve_descriptor(name: str, checkpoint: str | os.PathLike | None = None):
         try:
             return nemotron_h.refine_auto(resolve_descriptor_from_pretrained(str(checkpoint)), checkpoint)
         except ValueError as e:
+            if qwen3_vl.auto_descriptor_name(checkpoint):  # a model_type ModelOpt's auto-detection lacks
+                return ModelDescriptorFactory.get(qwen3_vl.auto_descriptor_name(checkpoint))
             raise AnyModelError(f"anymodel_descriptor=auto: {e}; set one of {descriptor_names()}") from None
     name = DESCRIPTOR_ALIASES.get(name, name)
     if name not in ModelDescriptorFactory.CLASS_MAPPING:
@@ -221,6 +224,9 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
     except nemotron_h.AnyModelError as e:
         raise AnyModelError(str(e)) from None
     kwargs["force_hf"] = True
+    # Qwen3-VL: AutoModel's image-text class, same from_pretrained/from_config (`original`), vision tower frozen.
+    cls = qwen3_vl.build_class(cls, hf_config)
+    qwen3_vl.prepare_build_kwargs(hf_config, kwargs)
     # AutoModel parallelizes inside the build; a layer's KV heads may not split over TP ranks.
     with deci_x_patcher(descriptor, block_configs), per_layer_tp_plans():
         model = original(cls, config_source, *args, **kwargs)
@@ -276,6 +282,7 @@ def apply_patch() -> None:
     Checkpointer.load_base_model = wraps(_impl["load_base_model"])(_load_base_model)
     gpt_oss.install()
     nemotron_h.install()
+    qwen3_vl.install()
 
 
 def remove_patch() -> None:
@@ -290,5 +297,6 @@ def remove_patch() -> None:
     Checkpointer.load_base_model = _saved["load_base_model"]
     gpt_oss.uninstall()
     nemotron_h.uninstall()
+    qwen3_vl.uninstall()
     _saved.clear()
     _impl.clear()

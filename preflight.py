@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nemotron_h
 import patch_automodel
+import qwen3_vl
 import resume
 from loss import DIVERGENCES
 
@@ -36,8 +37,9 @@ NUMERIC_KEYS = ("optimizer.lr", "optimizer.weight_decay", "optimizer.eps", "clip
 STEP_KEYS = ("step_scheduler.global_batch_size", "step_scheduler.local_batch_size", "step_scheduler.max_steps",
              "step_scheduler.ckpt_every_steps", "step_scheduler.val_every_steps", "step_scheduler.num_epochs")
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own cap on the JSON header
-# Descriptors for image-text checkpoints, which NeMoAutoModelForCausalLM cannot build (see check_builds_as_causal_lm).
-IMAGE_TEXT_DESCRIPTORS = ("qwen3_vl",)
+# Image-text model types this example builds (through AutoModel's image-text class, qwen3_vl.py), and their
+# descriptors; other image-text checkpoints are refused (see check_builds_as_causal_lm).
+IMAGE_TEXT_MODEL_TYPES = {qwen3_vl.MODEL_TYPE: qwen3_vl.DESCRIPTOR_NAME}
 
 
 class PreflightError(ValueError):
@@ -78,6 +80,10 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_kd_config(cfg)
     check_numbers(cfg)
     check_parallel_sizes(cfg, world_size)
+    if mode == "kd" and cfg.get("fused_linear_loss", False):
+        import fused_kd_forward  # here, not at the top: it imports this module
+
+        fused_kd_forward.check_config(cfg)
 
     needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
     student = read_checkpoint(cfg, "model", needs_tokenizer=mode == "kd" or needs_student_tokenizer)
@@ -264,6 +270,7 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
                                  f"{section}.anymodel_descriptor=auto (or its architecture: "
                                  f"{', '.join(patch_automodel.descriptor_names())})")
         check_runs_without_cuda(ckpt)
+        check_image_text_has_descriptor(ckpt)
         return
     if ckpt.config is not None:
         check_builds_as_causal_lm(cfg, ckpt)
@@ -315,8 +322,9 @@ def check_builds_as_causal_lm(cfg, ckpt: Checkpoint) -> None:
     With a descriptor, ``patch_automodel`` builds the model with transformers' own class
     (``force_hf=True``) through ``NeMoAutoModelForCausalLM``, which only knows the model types of
     transformers' causal-LM mapping (or a remote-code ``auto_map`` entry). Image-text checkpoints
-    (Qwen3-VL: ``qwen3_vl_moe``) are not among them and would fail in the build ("Unrecognized
-    configuration class"), after the process group is up. Model types transformers knows as neither
+    (e.g. Mistral-Small 3.1: ``mistral3``) are not among them and would fail in the build ("Unrecognized
+    configuration class"), after the process group is up; Qwen3-VL-MoE (``qwen3_vl_moe``) is built with
+    AutoModel's image-text class instead (``qwen3_vl.py``). Model types transformers knows as neither
     are left to the build.
     """
     from transformers.models.auto.modeling_auto import (
@@ -326,17 +334,31 @@ def check_builds_as_causal_lm(cfg, ckpt: Checkpoint) -> None:
 
     model_type = ckpt.config.get("model_type")
     if (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in ckpt.config.get("auto_map", {})
-            or model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+            or model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in IMAGE_TEXT_MODEL_TYPES):
         return
     name = cfg.get(f"{ckpt.section}.anymodel_descriptor")
     architecture = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]
-    text_only = [n for n in patch_automodel.descriptor_names() if n not in (*IMAGE_TEXT_DESCRIPTORS, "auto")
+    text_only = [n for n in patch_automodel.descriptor_names() if n not in (*IMAGE_TEXT_MODEL_TYPES.values(), "auto")
                  and n not in patch_automodel.DESCRIPTOR_ALIASES]
     raise PreflightError(
         f"{ckpt.section}.anymodel_descriptor={name}: {ckpt.key}={ckpt.path} has model_type={model_type!r} "
         f"({architecture}), which AutoModel 0.7.0's NeMoAutoModelForCausalLM, the class this example builds every "
-        f"model with, cannot build: distill a text-only causal-LM checkpoint (anymodel_descriptor "
-        f"{', '.join(text_only)})")
+        f"model with, cannot build (of image-text models only Qwen3-VL-MoE builds here, anymodel_descriptor "
+        f"qwen3_vl): distill a text-only causal-LM checkpoint (anymodel_descriptor {', '.join(text_only)})")
+
+
+def check_image_text_has_descriptor(ckpt: Checkpoint) -> None:
+    """An image-text checkpoint this example builds only through its descriptor (Qwen3-VL-MoE) has one set.
+
+    Without a descriptor the model is AutoModel's ``NeMoAutoModelForCausalLM`` build as shipped, which cannot
+    build an image-text model and fails after the process group is up.
+    """
+    model_type = ckpt.config.get("model_type") if ckpt.config is not None else None
+    if model_type in IMAGE_TEXT_MODEL_TYPES:
+        raise PreflightError(
+            f"{ckpt.key}={ckpt.path} is a {model_type} (image-text) checkpoint without "
+            f"{ckpt.section}.anymodel_descriptor, which AutoModel 0.7.0's NeMoAutoModelForCausalLM cannot build; set "
+            f"{ckpt.section}.anymodel_descriptor={IMAGE_TEXT_MODEL_TYPES[model_type]} (also for a homogeneous model)")
 
 
 def check_same_vocabulary(student: Checkpoint, teacher: Checkpoint) -> None:
@@ -366,6 +388,9 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     pp_size, tp_size = _size(cfg, "pp_size"), _size(cfg, "tp_size")
     problem = nemotron_h.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
                                              ckpt.config.get("model_type"), _size(cfg, "cp_size"))
+    if problem is not None:
+        raise PreflightError(problem)
+    problem = qwen3_vl.parallelism_problem(ckpt.section, ckpt.config.get("model_type"), pp_size)
     if problem is not None:
         raise PreflightError(problem)
     layers = ckpt.get("num_hidden_layers")

@@ -2,16 +2,20 @@
 
 import logging
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
+from nemo_automodel.components.distributed.context_parallel import ContextParallelSharder
+from nemo_automodel.components.distributed.utils import get_sync_ctx
 from nemo_automodel.components.loggers.metric_logger import MetricsSample
 from nemo_automodel.components.training.rng import ScopedRNG
+from nemo_automodel.components.training.utils import ScopedModuleOffloading
 from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
 import flops
+import fused_kd_forward
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,7 +39,77 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
       layer by layer (``flops.py``), over the GPU's peak (or ``mfu_peak_tflops``); null where no peak
       is known. The console line shows every logged metric, ``grad_norm`` and ``tps_per_gpu`` included.
     - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``).
+    - Fused linear KD (``fused_linear_loss: true``, kd.yaml's default; ``false`` or absent: AutoModel's logits
+      path): student and teacher stop at their final hidden states and ``FusedLinearKDLoss`` computes CE and KD
+      from them and the LM-head weights, chunk by chunk, so no ``[tokens, vocab]`` logits exist; same losses,
+      logs and normalisation, under FSDP2, TP, SP and PP (``fused_kd_forward.py``). At ``kd_ratio: 0`` KD is
+      not computed (``kd_loss`` is logged as 0, as ``ce_loss`` is at ``kd_ratio: 1``) and, without PP, the
+      teacher does not run.
     """
+
+    def setup(self):
+        """The parent's setup (preflight has checked the ``fused_linear_loss`` settings)."""
+        self.fused_linear_loss = bool(self.cfg.get("fused_linear_loss", False))
+        super().setup()
+
+    def _setup_kd_state(self) -> None:
+        """The parent's KD state (``kd_loss_fn``, ``kd_ratio``, loss buffers), plus the fused loss built from them.
+
+        Runs after student and teacher are built. Under PP it also makes both last stages return hidden states.
+        """
+        super()._setup_kd_state()
+        if not self.fused_linear_loss:
+            return
+        if self.pp_enabled:
+            student = fused_kd_forward.last_stage_part(self.model_parts, self.pp.info.stages)
+            teacher = fused_kd_forward.last_stage_part(self.teacher_model.parts, self.teacher_pp.info.stages)
+            for part in (student, teacher):
+                if part is not None:
+                    fused_kd_forward.return_hidden_states_from_last_stage(part)
+        else:
+            student, teacher = self.model_parts[0], self.teacher_model
+            fused_kd_forward.check_model(student, "student")
+            fused_kd_forward.check_model(teacher, "teacher")
+        # PP ranks without the last stage never call the loss.
+        tp_group = None if student is None else fused_kd_forward.vocab_shard_group(student, teacher)
+        self.fused_kd_loss = fused_kd_forward.build_loss(self.kd_loss_fn, self.loss_fn, self.kd_ratio, tp_group)
+        self._fused_lm_head_parts = (student, teacher)
+
+    def _forward_backward_step(self, idx, batch, *, num_label_tokens, num_batches, is_train: bool = True):
+        """The parent's non-PP microbatch; with ``fused_linear_loss`` the same losses from hidden states.
+
+        ``batch``: ``input_ids``, ``labels`` ``[local_batch, seq]``. Returns the detached
+        ``(loss, kd_loss, ce_loss)`` of this microbatch, each divided by ``num_label_tokens`` (the step's count,
+        all-reduced over data-parallel ranks), as the parent does.
+        """
+        if not self.fused_linear_loss:
+            return super()._forward_backward_step(
+                idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
+        batch = {k: v.to(self.dist_env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        labels = batch.pop("labels")
+        student, teacher = self._fused_lm_head_parts
+        train_ctx, batch = ContextParallelSharder(student, self.device_mesh, batch, loss_mask=labels,
+                                                  invoke_pre_embed=False).shard(batch)
+        labels = fused_kd_forward.loss_labels(labels, self.loss_fn)
+        sync_ctx = nullcontext()
+        if is_train:
+            defer = getattr(self.distributed_config, "defer_fsdp_grad_sync", True)
+            sync_ctx = get_sync_ctx(student, idx == num_batches - 1, defer_fsdp_grad_sync=defer)
+        with train_ctx(), sync_ctx:
+            teacher_inputs = (None, None)
+            if self.kd_ratio > 0:
+                with ScopedModuleOffloading(teacher, enabled=self._offload_teacher_model), torch.no_grad():
+                    teacher_inputs = fused_kd_forward.lm_head_inputs(
+                        teacher, fused_kd_forward.final_hidden_states(teacher, batch))
+            student_inputs = fused_kd_forward.lm_head_inputs(
+                student, fused_kd_forward.final_hidden_states(student, batch),
+                grad_reduce_group=self._get_dp_group(include_cp=True) if is_train else None)
+            loss, ce_loss, kd_loss = self.fused_kd_loss(
+                *student_inputs, *teacher_inputs, labels, num_batch_labels=num_label_tokens)
+            if is_train:
+                (loss * self._get_dp_group_size(include_cp=True)).backward()
+        return loss.detach(), kd_loss, ce_loss
 
     def _run_train_optim_step(self, batches, max_grad_norm: float | None = None):
         """The parent's step; raises :class:`NonFiniteLossError` when a logged loss term is NaN or infinite.
@@ -93,8 +167,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         torch.cuda.reset_peak_memory_stats()
 
     def _make_pp_kd_loss_wrapper(self):
-        """The parent's PP loss (CE + KD per microbatch), minus the schedule's shape-inference call."""
-        kd_loss = super()._make_pp_kd_loss_wrapper()
+        """The parent's PP loss (CE + KD per microbatch) or the fused one, minus the shape-inference call."""
+        kd_loss = self._make_pp_fused_kd_loss() if self.fused_linear_loss else super()._make_pp_kd_loss_wrapper()
         schedule = self.pp.info.schedule
 
         def pp_kd_loss_fn(logits, target, **kwargs):
@@ -105,6 +179,28 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             return kd_loss(logits, target, **kwargs)
 
         return pp_kd_loss_fn
+
+    def _make_pp_fused_kd_loss(self):
+        """The last stage's loss with ``fused_linear_loss``: the parent's PP loss computed from hidden states.
+
+        Both last stages return hidden states, so what the teacher's capture hands over in
+        ``_current_teacher_logits`` are its ``[mb, S, H]`` hidden states. Like the parent's, it returns token
+        sums (CE with ``num_label_tokens=None``, KD with ``num_batch_labels=1``) and buffers CE and KD; the
+        recipe divides by the step's label count afterwards.
+        """
+        student, teacher = self._fused_lm_head_parts
+
+        def pp_fused_kd_loss_fn(hidden, target, **kwargs):
+            teacher_inputs = fused_kd_forward.lm_head_inputs(teacher, self._current_teacher_logits.pop(0))
+            student_inputs = fused_kd_forward.lm_head_inputs(
+                student, hidden, grad_reduce_group=self._get_dp_group(include_cp=True))
+            labels = fused_kd_forward.loss_labels(target, self.loss_fn)
+            loss, ce_loss, kd_loss = self.fused_kd_loss(*student_inputs, *teacher_inputs, labels, num_batch_labels=1)
+            self._ce_loss_buffer.append(ce_loss)
+            self._kd_loss_buffer.append(kd_loss)
+            return loss
+
+        return pp_fused_kd_loss_fn
 
     def _forward_backward_step_pp(self, idx, batch, **kwargs):
         """The parent's PP step, with stage shapes set for this batch's length and the teacher under ``no_grad``.

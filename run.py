@@ -136,10 +136,23 @@ def setup_runtime() -> bool:
         cpu_support.apply()
     patch_automodel.apply_patch()
     resume.install()
+    _log_every_row_when_its_step_ends()
     # AutoModel resolves `_target_` only in allowlisted or already-imported modules.
     import loss  # noqa: F401
 
     return on_cpu
+
+
+def _log_every_row_when_its_step_ends() -> None:
+    """AutoModel buffers up to 100 rows of ``training.jsonl`` / ``validation.jsonl``, which a crash or a full
+    disk loses; its recipes build the loggers through ``train_ft.build_metric_logger``, which takes the buffer
+    size (and an fsync per write)."""
+    from functools import partial
+
+    from nemo_automodel.components.loggers.metric_logger import build_metric_logger
+    from nemo_automodel.recipes.llm import train_ft
+
+    train_ft.build_metric_logger = partial(build_metric_logger, buffer_size=1, flush=True)
 
 
 def prepare(argv: list[str]):
@@ -226,3 +239,9 @@ if __name__ == "__main__":
             raise
         report_error(f"run.py: error: {e}", usage=isinstance(e, UsageError))
         sys.exit(2)
+    # Everything is written (logs closed, checkpoints finalized, process group destroyed). Interpreter
+    # teardown still aborted now and then on 2-rank gloo runs ("terminate called without an active
+    # exception", a C++ thread destroyed at exit), turning a finished run into exit code -6.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -49,6 +49,31 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | No
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def patched():
+    """AutoModel patched as ``run.py`` patches it (AnyModel builds; CPU stand-ins where CUDA is absent)."""
+    import torch
+
+    import cpu_support
+    import patch_automodel
+
+    if not torch.cuda.is_available():
+        cpu_support.apply()
+    patch_automodel.apply_patch()
+    yield
+    patch_automodel.remove_patch()
+
+
+def assert_same_training(got, ref, keys, steps: int, rel: float = 1e-4):
+    """Two runs' ``(training rows, validation rows)`` agree: every step's ``keys`` and every validation loss."""
+    (got_train, got_val), (ref_train, ref_val) = got, ref
+    assert [r["step"] for r in got_train] == list(range(steps))
+    for g, r in zip(got_train, ref_train, strict=True):
+        for key in keys:
+            assert g[key] == pytest.approx(r[key], rel=rel), (g["step"], key)
+    assert [v["val_loss"] for v in got_val] == pytest.approx([v["val_loss"] for v in ref_val], rel=rel)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -13,9 +13,8 @@ import shutil
 import pytest
 import torch
 
-import cpu_support
 import patch_automodel
-from conftest import FP32_COMPUTE, read_jsonl, tiny_overrides, torchrun
+from conftest import FP32_COMPUTE, assert_same_training, read_jsonl, tiny_overrides, torchrun
 from modelopt.torch.puzzletron.anymodel.puzzformer.no_op import MatchingZeros
 from nemo_automodel import NeMoAutoModelForCausalLM
 from tools.build_checkpoints import build
@@ -80,29 +79,20 @@ def dense_runs(ckpts, qwen2, tmp_path_factory):
             for arch in ("qwen2", "qwen3")}
 
 
-def assert_same_training(got, ref, keys):
-    (got_train, got_val), (ref_train, ref_val) = got, ref
-    assert [r["step"] for r in got_train] == list(range(STEPS))
-    for g, r in zip(got_train, ref_train, strict=True):
-        for key in keys:
-            assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
-    assert [v["val_loss"] for v in got_val] == pytest.approx([v["val_loss"] for v in ref_val], rel=1e-4)
-
-
 @pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2", "tp2_sequence_parallel", "pp2"])
 def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
-    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
+    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"), STEPS)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("name", ["tp2_sequence_parallel", "pp2"])
 def test_dense_descriptors_kd_matches_one_process_split_by_tp_sp_and_pp(dense_runs, arch, name):
     runs = dense_runs[arch]
-    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
+    assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"), STEPS)
 
 
 def test_gpt_oss_pretrain_under_pipeline_parallelism_matches_one_process(runs):
-    assert_same_training(runs["pretrain_pp2"], runs["pretrain_single_process"], ("loss", "grad_norm"))
+    assert_same_training(runs["pretrain_pp2"], runs["pretrain_single_process"], ("loss", "grad_norm"), STEPS)
 
 
 def test_gpt_oss_sliding_window_shapes_the_losses_so_pipeline_parity_proves_it_is_honoured(runs):
@@ -143,15 +133,6 @@ def test_gpt_oss_tensor_parallelism_splits_heads_sinks_and_expert_channels_per_l
         for i in range(4):  # the homogeneous teacher splits every layer
             assert teacher["tp"][layer.format(i) + "self_attn.sinks"] == ["S(0)", [2]]
             assert teacher["tp"][layer.format(i) + "mlp.experts.down_proj"] == ["S(1)", [4, 32, 64]]
-
-
-@pytest.fixture(scope="module")
-def patched():
-    if not torch.cuda.is_available():
-        cpu_support.apply()
-    patch_automodel.apply_patch()
-    yield
-    patch_automodel.remove_patch()
 
 
 def assert_layer_follows_block_config(layer, block, config):

@@ -16,12 +16,11 @@ import shutil
 import pytest
 import torch
 
-import cpu_support
 import nemotron_h
 import patch_automodel
 import preflight
 import run
-from conftest import FP32_COMPUTE, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import FP32_COMPUTE, assert_same_training, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 from tools.build_checkpoints import build, write_squad_like_data
 
 ARCHS = ("nemotron_h", "nemotron_h_v2")
@@ -75,25 +74,16 @@ def runs(ckpts, tmp_path_factory):
     return out
 
 
-def assert_same_training(got, ref, keys):
-    (got_train, got_val), (ref_train, ref_val) = got, ref
-    assert [r["step"] for r in got_train] == list(range(STEPS))
-    for g, r in zip(got_train, ref_train, strict=True):
-        for key in keys:
-            assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
-    assert [v["val_loss"] for v in got_val] == pytest.approx([v["val_loss"] for v in ref_val], rel=1e-4)
-
-
 @pytest.mark.parametrize("name", [name for name, (_, mode, nproc, _) in RUNS.items()
                                   if mode == "kd" and nproc == 2 and "/bf16" not in name])
 def test_nemotron_h_kd_matches_one_process_in_every_parallelism(runs, name):
     arch = name.split("/")[0]
-    assert_same_training(runs[name], runs[f"{arch}/single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"))
+    assert_same_training(runs[name], runs[f"{arch}/single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"), STEPS)
 
 
 def test_nemotron_h_v2_pretrain_under_pipeline_parallelism_matches_one_process(runs):
     assert_same_training(runs["nemotron_h_v2/pretrain_pp2"], runs["nemotron_h_v2/pretrain_single_process"],
-                         ("loss", "grad_norm"))
+                         ("loss", "grad_norm"), STEPS)
 
 
 def test_nemotron_h_trains_in_bf16_with_finite_losses_that_are_not_the_fp32_ones(runs):
@@ -129,15 +119,6 @@ def test_nemotron_h_v2_tensor_parallelism_splits_attention_and_mlp_where_they_di
         assert tp["lm_head.weight"] == ["S(0)", [256, 64]]
         assert teacher["tp"][layer.format(4) + "mixer.k_proj.weight"] == ["S(0)", [16, 64]]
         assert teacher["tp"][layer.format(5) + "mixer.down_proj.weight"] == ["S(1)", [64, 96]]
-
-
-@pytest.fixture(scope="module")
-def patched():
-    if not torch.cuda.is_available():
-        cpu_support.apply()
-    patch_automodel.apply_patch()
-    yield
-    patch_automodel.remove_patch()
 
 
 def load(path, arch, **kwargs):

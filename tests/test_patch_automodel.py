@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import cpu_support
 import patch_automodel
 from conftest import checkpoint_tensors
 from nemo_automodel import NeMoAutoModelForCausalLM
@@ -15,14 +14,7 @@ from nemo_automodel.components.checkpoint.checkpointing import Checkpointer
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
 from modelopt.torch.puzzletron.anymodel.puzzformer.no_op import MatchingZeros
 
-
-@pytest.fixture(autouse=True, scope="module")
-def patched():
-    if not torch.cuda.is_available():
-        cpu_support.apply()
-    patch_automodel.apply_patch()
-    yield
-    patch_automodel.remove_patch()
+pytestmark = pytest.mark.usefixtures("patched")
 
 
 def load(path, **kwargs):

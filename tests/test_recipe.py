@@ -4,15 +4,22 @@ One process is the reference. Every run sees the same map-style data in the same
 same global batch of 4, so the step-0 loss and grad norm, the loss after 5 steps and the
 validation losses must agree. Validation runs after step 3 and after step 5, so the runs also
 train on after a validation pass (the case that used to break pipeline parallelism).
+
+Every run is made twice: with ``fused_linear_loss=true`` (kd.yaml's default: losses from hidden
+states, no logits) and ``false`` (AutoModel's path through full logits); the two must agree too.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import flops
-from conftest import FP32_COMPUTE, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import FP32_COMPUTE, REPO, checkpoint_tensors, free_port, read_jsonl, tiny_overrides, torchrun
 from tools.build_checkpoints import TINY
 
 STEPS = 5
@@ -48,14 +55,25 @@ def saved_tensor_names(model_dir) -> set[str]:
     return names
 
 
-@pytest.fixture(scope="module")
-def runs(ckpts, tmp_path_factory):
+def run_all(ckpts, tmp_path_factory, fused: bool) -> dict:
     """``{name: (training rows, validation rows, checkpoint dir)}`` for every entry of RUNS."""
     out = {}
     for name, (nproc, extra) in RUNS.items():
-        out_dir = tmp_path_factory.mktemp(name)
-        out[name] = (*kd_run(ckpts, out_dir, nproc, extra), out_dir)
+        out_dir = tmp_path_factory.mktemp(f"{name}_fused_{fused}")
+        out[name] = (*kd_run(ckpts, out_dir, nproc, [*extra, f"fused_linear_loss={str(fused).lower()}"]), out_dir)
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts, tmp_path_factory):
+    """RUNS with the fused linear KD loss (kd.yaml's default)."""
+    return run_all(ckpts, tmp_path_factory, fused=True)
+
+
+@pytest.fixture(scope="module")
+def logits_runs(ckpts, tmp_path_factory):
+    """RUNS through full logits (``fused_linear_loss=false``, AutoModel's KD path)."""
+    return run_all(ckpts, tmp_path_factory, fused=False)
 
 
 def test_the_reference_run_trains_logs_every_step_and_validates(runs):
@@ -91,6 +109,97 @@ def test_validation_losses_match_one_process_pipeline_parallel_included(runs, na
     for r, g in zip(ref, got):
         for key in ("val_loss", "ce_loss", "kd_loss"):
             assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_fused_linear_loss_trains_as_the_logits_path_does(runs, logits_runs, name):
+    (ref, ref_val, _), (got, got_val, _) = logits_runs[name], runs[name]
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(STEPS))
+    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+        assert got[0][key] == pytest.approx(ref[0][key], rel=1e-4), key
+    for r, g in zip(ref, got):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-4), g["step"]
+        assert g["num_label_tokens"] == r["num_label_tokens"]
+    assert [v["step"] for v in got_val] == [v["step"] for v in ref_val]
+    for r, g in zip(ref_val, got_val):
+        for key in ("val_loss", "ce_loss", "kd_loss"):
+            assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
+
+
+# One process, in a fresh interpreter: build the recipe as run.py does, then take one microbatch step as configured
+# and one forced through logits, recording every newly allocated [..., vocab] tensor (views and out= results
+# share an input's storage and do not count) and the student's gradients.
+FUSED_STEP_PROBE = """
+import json, sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+import run
+
+class VocabWideRows(TorchDispatchMode):
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab \\
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+Recipe, cfg = run.prepare(sys.argv[1:])
+recipe = Recipe(cfg)
+recipe.setup()
+student = recipe.model_parts[0]
+batch = next(iter(recipe.dataloader))
+num_label_tokens = int((batch["labels"] != -100).sum())
+out = {"tokens": batch["labels"].numel(), "loss_fn": type(recipe.fused_kd_loss).__name__,
+       "chunk_size": recipe.fused_kd_loss.chunk_size,
+       "tied": student.lm_head.weight is student.model.embed_tokens.weight}
+grads = {}
+for fused in (True, False):  # first as set up from the config, then forced through logits
+    recipe.fused_linear_loss = fused and recipe.fused_linear_loss
+    student.zero_grad(set_to_none=True)
+    with VocabWideRows(student.config.vocab_size) as seen:
+        loss, kd_loss, ce_loss = recipe._forward_backward_step(0, batch, num_label_tokens=num_label_tokens,
+                                                               num_batches=1)
+    out[str(fused)] = {"rows": seen.rows, "loss": loss.item(), "ce_loss": ce_loss.item(), "kd_loss": kd_loss.item()}
+    grads[fused] = {name: p.grad.clone() for name, p in student.named_parameters()}
+out["grad_rel_diff"] = max(((grads[True][n] - g).abs().max() / g.abs().max()).item() for n, g in grads[False].items())
+out["embedding_grad_norm"] = grads[True]["model.embed_tokens.weight"].norm().item()
+print("PROBE " + json.dumps(out))
+"""
+
+
+def test_fused_step_makes_no_logits_and_gives_their_gradients_to_a_tied_head(ckpts, tmp_path):
+    teacher = ckpts["llama"]["teacher"]
+    # A student whose LM head is its embedding (what AutoModel would refuse to flip at load time).
+    config = AutoConfig.from_pretrained(teacher)
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp_path / "tied")
+    chunk = 8
+    args = [*tiny_overrides(ckpts, "llama", tmp_path / "out"),
+            f"model.pretrained_model_name_or_path={tmp_path / 'tied'}", "model.anymodel_descriptor=null",
+            "step_scheduler.local_batch_size=4", "checkpoint.enabled=false", "fused_linear_loss=true",
+            f"kd_loss_fn.chunk_size={chunk}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "-c", FUSED_STEP_PROBE, "--mode", "kd", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    probe = json.loads(result.stdout.split("PROBE ", 1)[1])
+    assert probe["tied"] and probe["loss_fn"] == "FusedLinearKDLoss" and probe["chunk_size"] == chunk
+    # Fused: at most a chunk of rows per [., vocab] buffer (the models' own [B, 1, vocab] last-position logits are
+    # fewer). Through logits: a whole [B, S, vocab] tensor, which this probe must see.
+    assert probe["True"]["rows"] <= chunk < probe["tokens"] <= probe["False"]["rows"]
+    for key in ("loss", "ce_loss", "kd_loss"):
+        assert probe["True"][key] == pytest.approx(probe["False"][key], rel=1e-5), key
+    # Every student gradient, the tied embedding's (its CE/KD part reaches it through the LM head) included.
+    assert probe["grad_rel_diff"] < 1e-5 and probe["embedding_grad_norm"] > 0
 
 
 def test_mfu_is_kd_step_flops_over_time_and_peak_and_null_without_a_peak(runs, ckpts):

@@ -129,6 +129,8 @@ def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[st
     """
     if arch in NEMOTRON_H_ARCHS:
         return build_nemotron_h(out, arch, seed)
+    if arch == "qwen3_vl":
+        return build_qwen3_vl(out, seed)
     out = Path(out)
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer)
@@ -236,6 +238,61 @@ def build_nemotron_h(out: str | os.PathLike, arch: str, seed: int = 0) -> dict[s
     return {"teacher": teacher_dir, "student": student_dir}
 
 
+# Qwen3-VL-MoE (ModelOpt's ``qwen3_vl`` descriptor): a 4-layer MoE language model (4 experts of 32 channels,
+# top-2) behind a 1-block vision tower, which the text-only recipes leave frozen.
+QWEN3_VL_TEXT = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+    intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+    max_position_embeddings=512, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+)
+QWEN3_VL_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                       deepstack_visual_indexes=[0])
+
+
+def qwen3_vl_block_configs() -> list[dict]:
+    """A Qwen3-VL-MoE student that differs from its teacher wherever ModelOpt's ``qwen3_vl`` descriptor applies a
+    block config: KV heads (2, 1 and 4 of 4), no attention (layer 1), expert count (4, 3, 2, 4) and expert
+    width (32, 16, 32 and 24 channels). The top-k stays the teacher's 2 (the descriptor does not apply it)."""
+    def moe(experts, width):
+        return {"no_op": False, "moe": {"num_local_experts": experts, "num_experts_per_tok": 2,
+                                        "expert_intermediate_dim": width}}
+    return [
+        {"attention": {"no_op": False, "num_key_value_heads": 2}, "ffn": moe(4, 32)},
+        {"attention": {"no_op": True}, "ffn": moe(3, 16)},
+        {"attention": {"no_op": False, "num_key_value_heads": 1}, "ffn": moe(2, 32)},
+        {"attention": {"no_op": False, "num_key_value_heads": 4}, "ffn": moe(4, 24)},
+    ]
+
+
+def build_qwen3_vl(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """``build`` for Qwen3-VL-MoE: a homogeneous teacher (HF layout) and a student with :func:`qwen3_vl_block_configs`
+    (ModelOpt's AnyModel layout), both image-text models (``model_type: qwen3_vl_moe``) with the same vision tower."""
+    from transformers import AutoModelForImageTextToText
+
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    text = dict(QWEN3_VL_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=QWEN3_VL_VISION,
+                                  tie_word_embeddings=False, torch_dtype="float32")
+    teacher_dir, student_dir = out / "teacher", out / "student"
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config, dtype=torch.float32).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    blocks = qwen3_vl_block_configs()
+    descriptor = build_descriptor(ModelDescriptorFactory.get("qwen3_vl"))
+    torch.manual_seed(seed + 1)
+    with deci_x_patcher(descriptor, blocks):
+        student = AutoModelForImageTextToText.from_config(copy.deepcopy(config), dtype=torch.float32)
+    student.config.block_configs = blocks
+    save_checkpoint(student, student_dir, descriptor)
+    tokenizer.save_pretrained(student_dir)
+    return {"teacher": teacher_dir, "student": student_dir}
+
+
 def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int = 32, seed: int = 0) -> Path:
     """SQuAD-format JSON lines (``train.jsonl``, ``validation.jsonl``) built from :func:`english_corpus`.
 
@@ -265,7 +322,7 @@ def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to write teacher/, student/ and data/ into")
-    parser.add_argument("--arch", default="llama", choices=sorted([*MODEL_TYPES, *NEMOTRON_H_ARCHS]))
+    parser.add_argument("--arch", default="llama", choices=sorted([*MODEL_TYPES, *NEMOTRON_H_ARCHS, "qwen3_vl"]))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     paths = build(args.out, args.arch, args.seed)

@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.sh works before any GPU runs it: its Python, at tiny sizes on CPU (``--dry-run``),
+produces every table row with numbers."""
+
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_and_the_loss(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": os.sys.executable}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "kd_step.md").read_text().splitlines()
+            if line.startswith("| 1 | 4096 | 64 |")]
+    assert [row[3].strip() for row in rows] == ["unfused", "fused", "automodel"]
+    for row in rows:
+        peak, step = float(row[4]), float(row[5])
+        assert peak > 0 and step > 0
+    assert "| 1 | 4096 | fused | 64 |" in (tmp_path / "kd_step.md").read_text()
+    assert "ours" in (tmp_path / "kd_loss.md").read_text()
