@@ -169,3 +169,19 @@ def test_cpu_memory_stand_in_reports_real_peak_rss():
     result = fresh_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.strip().splitlines()[-1]) > 256
+
+
+def test_every_logged_row_is_on_disk_as_soon_as_it_is_logged(tmp_path):
+    # AutoModel's loggers buffer 100 rows unless told otherwise; a crash would lose them all.
+    log = tmp_path / "training.jsonl"
+    result = fresh_python(
+        "import run; run.setup_runtime()\n"
+        "from nemo_automodel.recipes.llm import train_ft\n"
+        "from nemo_automodel.components.loggers.metric_logger import MetricsSample\n"
+        f"logger = train_ft.build_metric_logger({str(log)!r})\n"
+        "for step in range(3):\n"
+        "    logger.log(MetricsSample(step=step, epoch=0, metrics={'loss': 1.0}))\n"
+        f"    assert len(open({str(log)!r}).read().splitlines()) == step + 1\n"
+        "import os; os._exit(0)  # no close, no interpreter teardown: as after a crash\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(log.read_text().splitlines()) == 3
