@@ -95,7 +95,7 @@ def _read_json(path: Path):
 
 def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path: str | os.PathLike | None,
                        num_hidden_layers: int | None, *, descriptor: str | None = None,
-                       num_attention_heads: int | None = None) -> list[dict] | None:
+                       num_attention_heads: int | None = None, model_config: dict | None = None) -> list[dict] | None:
     """Per-layer block configs, from the first source that has them.
 
     Order: ``block_configs_path``; ``<checkpoint>/block_configs.json``; ``config.json["block_configs"]``
@@ -136,7 +136,8 @@ def load_block_configs(checkpoint: str | os.PathLike | None, block_configs_path:
         except Exception as e:
             raise AnyModelError(f"{path}: invalid block config ({e}); see modelopt.torch.puzzletron.block_config") from None
         if descriptor is not None:
-            check_block_configs(blocks, DESCRIPTOR_ALIASES.get(descriptor, descriptor), num_attention_heads, path)
+            check_block_configs(blocks, DESCRIPTOR_ALIASES.get(descriptor, descriptor), num_attention_heads, path,
+                                model_config)
         return data
     return None
 
@@ -148,8 +149,14 @@ _MOE_FIELDS = {"ffn.moe.num_local_experts", "ffn.moe.num_experts_per_tok", "ffn.
 APPLIED_FIELDS = {
     "llama": _DENSE_FIELDS, "qwen2": _DENSE_FIELDS, "qwen3": _DENSE_FIELDS, "mistral_small": _DENSE_FIELDS,
     "gpt_oss": {"attention.no_op", "attention.num_key_value_heads", "ffn.no_op", *_MOE_FIELDS},
+    "qwen3_vl": {*_DENSE_FIELDS, *_MOE_FIELDS},
     **nemotron_h.APPLIED_FIELDS,
 }
+
+
+# Fields a descriptor accepts but builds every layer with the model's own value of (config key): a block
+# config may only repeat that value.
+CONFIG_WIDE_FIELDS = {"qwen3_vl": {"ffn.moe.num_experts_per_tok": "num_experts_per_tok"}}
 
 
 def _set_fields(config, prefix: str = ""):
@@ -167,7 +174,8 @@ def _set_fields(config, prefix: str = ""):
             yield name, value
 
 
-def check_block_configs(blocks, descriptor: str, num_attention_heads: int | None, source) -> None:
+def check_block_configs(blocks, descriptor: str, num_attention_heads: int | None, source,
+                        model_config: dict | None = None) -> None:
     """Refuse (:class:`AnyModelError`, one line naming layer and field) block configs the built model would
     not follow: fields the descriptor ignores, and sizes that cannot build (KV heads that do not divide the
     attention heads, non-positive widths). ModelOpt's ``BlockConfig`` already refuses a top-k above the
@@ -181,6 +189,12 @@ def check_block_configs(blocks, descriptor: str, num_attention_heads: int | None
                     raise AnyModelError(
                         f"{source}: layer {index} sets {name}={value!r}, which the {descriptor} descriptor does not "
                         f"apply (the layer would be built without it); fields it applies: {', '.join(sorted(applied))}")
+        for name, key in CONFIG_WIDE_FIELDS.get(descriptor, {}).items():
+            model_value = (model_config or {}).get(key)
+            if name in fields and model_value is not None and fields[name] != model_value:
+                raise AnyModelError(
+                    f"{source}: layer {index} sets {name}={fields[name]!r}, but the {descriptor} descriptor builds "
+                    f"every layer with the model's {key}={model_value}; set it to {model_value} or leave it out")
         kv_heads = fields.get("attention.num_key_value_heads")
         if kv_heads is not None and not fields.get("attention.no_op") and (
                 kv_heads < 1 or (num_attention_heads and num_attention_heads % kv_heads)):
@@ -218,7 +232,8 @@ def _build_anymodel(original, cls, config_source, args, kwargs, *, checkpoint):
     text_config = getattr(hf_config, "text_config", hf_config)
     block_configs = load_block_configs(checkpoint, block_configs_path, _num_hidden_layers(hf_config),
                                        descriptor=descriptor_name if descriptor_name != "auto" else None,
-                                       num_attention_heads=getattr(text_config, "num_attention_heads", None))
+                                       num_attention_heads=getattr(text_config, "num_attention_heads", None),
+                                       model_config=text_config.to_dict())
     try:
         nemotron_h.prepare_config(descriptor, hf_config, block_configs, block_configs_path or checkpoint, kwargs)
     except nemotron_h.AnyModelError as e:

@@ -291,7 +291,8 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
                 f"{_descriptor_name(expected)} (or auto)")
         patch_automodel.load_block_configs(ckpt.path, block_configs_path, ckpt.get("num_hidden_layers"),
                                            descriptor=_descriptor_name(descriptor),
-                                           num_attention_heads=ckpt.get("num_attention_heads"))
+                                           num_attention_heads=ckpt.get("num_attention_heads"),
+                                           model_config=ckpt.config.get("text_config", ckpt.config))
     except patch_automodel.AnyModelError as e:
         raise PreflightError(f"{section}: {e}") from None
 

@@ -142,3 +142,17 @@ def test_teacher_without_a_descriptor_is_refused_naming_the_one_to_set(ckpts, tm
         f"teacher_model.pretrained_model_name_or_path={teacher} is a qwen3_vl_moe (image-text) checkpoint without "
         "teacher_model.anymodel_descriptor, which AutoModel 0.7.0's NeMoAutoModelForCausalLM cannot build; set "
         "teacher_model.anymodel_descriptor=qwen3_vl (also for a homogeneous model)")
+
+
+def test_a_per_layer_top_k_the_descriptor_would_ignore_is_refused(ckpts, tmp_path):
+    student = ckpts["qwen3_vl"]["student"]
+    blocks = json.loads((student / "config.json").read_text())["block_configs"]
+    moe_layer = next(i for i, b in enumerate(blocks) if b["ffn"].get("moe"))
+    blocks[moe_layer]["ffn"]["moe"]["num_experts_per_tok"] = 3
+    path = tmp_path / "blocks.json"
+    path.write_text(json.dumps(blocks))
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check(kd_config(ckpts, tmp_path, f"model.block_configs_path={path}"), "kd", world_size=1)
+    assert str(e.value) == (
+        f"model: {path}: layer {moe_layer} sets ffn.moe.num_experts_per_tok=3, but the qwen3_vl descriptor builds "
+        "every layer with the model's num_experts_per_tok=2; set it to 2 or leave it out")
