@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from nemo_automodel.components.distributed import model_parallelizer
+from nemo_automodel.components.distributed.optimized_tp_plans import _parallelize_llama
 from nemo_automodel.components.distributed.parallelizer import ModelParallelizer, _get_parallel_plan
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
@@ -48,6 +49,9 @@ import gpt_oss
 import nemotron_h
 
 BlockMode = Literal["sharded", "replicated", "no_op"]
+# Models with Llama's layer names and blocks that AutoModel gives transformers' own TP plan, which has no
+# sequence-parallel entries (sequence_parallel=true would be ignored): they get AutoModel's Llama plan.
+LLAMA_LAYOUT = ("MistralForCausalLM",)
 LAYER_WILDCARD = ".*."
 # The first name of a per-layer plan key, mapped to the block it belongs to. Norms feed their
 # block; under sequence parallelism they all-gather its input, which a replicated block needs too.
@@ -186,6 +190,8 @@ class AnyModelParallelizer(ModelParallelizer):
                 return super()._apply(model, device_mesh, **kwargs)
             if user_plan is None and gpt_oss.is_gpt_oss(model):
                 base_plan = gpt_oss.tp_plan(sequence_parallel)
+            elif user_plan is None and type(model).__name__ in LLAMA_LAYOUT:
+                base_plan = _parallelize_llama(model, sequence_parallel)
             else:
                 base_plan = _get_parallel_plan(model, sequence_parallel, user_plan, tp_size=tp_size)
             kwargs["tp_shard_plan"] = per_layer_tp_plan(model, base_plan, tp_size, sequence_parallel)

@@ -1,5 +1,6 @@
 """Every descriptor builds the layers its block configs ask for, and distills the same under every
-parallelism (2 CPU ranks, gloo, fp32) as in one process: GPT-OSS in each, Qwen2 and Qwen3 under TP+SP and PP.
+parallelism (2 CPU ranks, gloo, fp32) as in one process: GPT-OSS in each, Qwen2, Qwen3 and Mistral-Small under
+TP+SP and PP.
 
 The GPT-OSS student (``tools/build_checkpoints.py --arch gpt_oss``) differs from its teacher per layer in
 KV heads, attention (layer 1 has none), expert count, top-k and expert width (33 channels in layer 3,
@@ -71,12 +72,18 @@ def runs(gpt_oss, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dense_runs(ckpts, qwen2, tmp_path_factory):
-    """``{arch: {name: (training rows, validation rows)}}`` for qwen2 and qwen3 and every entry of DENSE_RUNS."""
-    ckpts = {**ckpts, "qwen2": qwen2}
+def mistral_small(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("mistral_small"), "mistral_small")
+
+
+@pytest.fixture(scope="module")
+def dense_runs(ckpts, qwen2, mistral_small, tmp_path_factory):
+    """``{arch: {name: (training rows, validation rows)}}`` for qwen2, qwen3 and mistral_small (its tekken.json
+    tokenizer, 131,072 tokens) and every entry of DENSE_RUNS."""
+    ckpts = {**ckpts, "qwen2": qwen2, "mistral_small": mistral_small}
     return {arch: {name: train(ckpts, arch, tmp_path_factory.mktemp(f"{arch}_{name}"), mode, nproc, extra)
                    for name, (mode, nproc, extra) in DENSE_RUNS.items()}
-            for arch in ("qwen2", "qwen3")}
+            for arch in ("qwen2", "qwen3", "mistral_small")}
 
 
 @pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2", "tp2_sequence_parallel", "pp2"])
@@ -84,7 +91,7 @@ def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
     assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"), STEPS)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral_small"])
 @pytest.mark.parametrize("name", ["tp2_sequence_parallel", "pp2"])
 def test_dense_descriptors_kd_matches_one_process_split_by_tp_sp_and_pp(dense_runs, arch, name):
     runs = dense_runs[arch]
@@ -158,9 +165,9 @@ def assert_layer_follows_block_config(layer, block, config):
         assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral_small", "gpt_oss"])
 def test_every_layer_has_the_shapes_its_block_config_asks_for(ckpts, arch, patched, request):
-    student = (request.getfixturevalue("qwen2") if arch == "qwen2" else ckpts[arch])["student"]
+    student = (request.getfixturevalue(arch) if arch in ("qwen2", "mistral_small") else ckpts[arch])["student"]
     model = NeMoAutoModelForCausalLM.from_pretrained(str(student), anymodel_descriptor=arch, torch_dtype=torch.float32)
     blocks = json.loads((student / "config.json").read_text())["block_configs"]
     for layer, block in zip(model.model.layers, blocks, strict=True):

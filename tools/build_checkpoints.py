@@ -131,6 +131,8 @@ def build(out: str | os.PathLike, arch: str = "llama", seed: int = 0) -> dict[st
         return build_nemotron_h(out, arch, seed)
     if arch == "qwen3_vl":
         return build_qwen3_vl(out, seed)
+    if arch == "mistral_small":
+        return build_mistral_small(out, seed)
     out = Path(out)
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer)
@@ -293,6 +295,29 @@ def build_qwen3_vl(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     return {"teacher": teacher_dir, "student": student_dir}
 
 
+def build_mistral_small(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """``build`` for Mistral-Small (``model_type: mistral``): AutoModel reads such tokenizers with mistral-common,
+    which needs ``tekken.json``, so both checkpoints carry the one mistral-common ships (131,072 tokens) and no
+    Hugging Face tokenizer files, as ModelOpt's ``copy_tokenizer`` leaves a pruned Mistral."""
+    import shutil
+
+    import mistral_common
+
+    out = Path(out)
+    tekken = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    config = AutoConfig.for_model("mistral", vocab_size=131072, bos_token_id=1, eos_token_id=2, pad_token_id=11,
+                                  torch_dtype="float32", **TINY)
+    teacher_dir, student_dir = out / "teacher", out / "student"
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(teacher_dir)
+    blocks = student_block_configs(TINY["num_hidden_layers"], TINY["num_key_value_heads"], TINY["intermediate_size"])
+    student = build_student_model(copy.deepcopy(config), "mistral_small", blocks, seed + 1)
+    save_checkpoint(student, student_dir, build_descriptor(ModelDescriptorFactory.get("mistral_small")))
+    for directory in (teacher_dir, student_dir):
+        shutil.copy(tekken, directory / "tekken.json")
+    return {"teacher": teacher_dir, "student": student_dir}
+
+
 def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int = 32, seed: int = 0) -> Path:
     """SQuAD-format JSON lines (``train.jsonl``, ``validation.jsonl``) built from :func:`english_corpus`.
 
@@ -322,7 +347,7 @@ def write_squad_like_data(out: str | os.PathLike, n_train: int = 256, n_val: int
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory to write teacher/, student/ and data/ into")
-    parser.add_argument("--arch", default="llama", choices=sorted([*MODEL_TYPES, *NEMOTRON_H_ARCHS, "qwen3_vl"]))
+    parser.add_argument("--arch", default="llama", choices=sorted([*MODEL_TYPES, *NEMOTRON_H_ARCHS, "qwen3_vl", "mistral_small"]))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     paths = build(args.out, args.arch, args.seed)
