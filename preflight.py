@@ -80,10 +80,6 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_kd_config(cfg)
     check_numbers(cfg)
     check_parallel_sizes(cfg, world_size)
-    if mode == "kd" and cfg.get("fused_linear_loss", False):
-        import fused_kd_forward  # here, not at the top: it imports this module
-
-        fused_kd_forward.check_config(cfg)
 
     needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
     student = read_checkpoint(cfg, "model", needs_tokenizer=mode == "kd" or needs_student_tokenizer)
@@ -99,6 +95,10 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_fits_parallelism(cfg, model)
     for section in ("dataset", "validation_dataset"):
         check_dataset(cfg, section)
+    if mode == "kd" and cfg.get("fused_linear_loss", False):
+        import fused_kd_forward  # here, not at the top: it imports this module
+
+        fused_kd_forward.check_config(cfg)
     resume.check_same_student(cfg)
 
 

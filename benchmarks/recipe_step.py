@@ -52,6 +52,12 @@ def worker(recipe: str, argv: list[str]) -> None:
     trainer = Recipe(cfg)
     trainer.setup()
     trainer.run_train_validation_loop()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    # As run.py does: interpreter teardown after gloo sometimes aborts; the logs are closed.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run_case(recipe: str, parallelism: str, args, out_dir: Path) -> dict:

@@ -7,6 +7,7 @@ parameter's placement on the ``tp`` mesh dimension with its local shape.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def main():
         report["teacher"]["eval"] = all(not p.training for p in parts)
     rank = torch.distributed.get_rank()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    # As run.py does: interpreter teardown after gloo sometimes aborts; the report is on disk.
+    os._exit(0)
 
 
 if __name__ == "__main__":
