@@ -9,7 +9,7 @@ other's optimizer state, without a word. :func:`acquire` refuses the second job 
 the process group starts or anything is written.
 
 The lock is ``<checkpoint_dir>/.job.lock``, a JSON file with the holder's host, pid, job id and start
-time, written with ``O_EXCL`` by global rank 0. A job is identified by its torchrun rendezvous
+time, created whole (a hard link to a finished draft, which fails if the lock exists) by global rank 0. A job is identified by its torchrun rendezvous
 (``MASTER_ADDR:MASTER_PORT`` and ``TORCHELASTIC_RUN_ID``; host and pid for a plain ``python -m run``),
 so every rank of the holding job passes, and the ranks of another job all refuse. While the job runs,
 rank 0 touches the file every :data:`HEARTBEAT_S` seconds. A lock is stale, and taken over, when its
@@ -17,6 +17,7 @@ holder is a process of this host that no longer exists, or when nobody has touch
 :data:`STALE_AFTER_S` seconds (a job killed on another node). The finished job removes it.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -66,7 +67,7 @@ def _read(path: Path) -> tuple[dict, float] | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError:
-        # Being written right now by its holder, or a torn file; judge it by its age alone.
+        # Not written by this module (which creates it whole): judge it by its age alone.
         return {}, time.time() - path.stat().st_mtime
 
 
@@ -93,19 +94,24 @@ class CheckpointDirLock:
         if _is_rank_zero():
             record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            draft = self.path.with_name(f"{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 if found is not None:
                     self.path.unlink(missing_ok=True)
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                draft.write_text(json.dumps(record))
+                # A hard link appears whole or not at all: the other ranks never read a half-written lock.
+                os.link(draft, self.path)
             except FileExistsError:
                 # Another job took it between our read and our write: judge that one instead.
+                draft.unlink(missing_ok=True)
                 return self.acquire()
             except OSError:
                 # A checkpoint_dir that is a file or read-only: AutoModel's own check reports it.
+                with contextlib.suppress(OSError):
+                    draft.unlink()
                 return self
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
+            draft.unlink()
             self._beat = threading.Thread(target=self._heartbeat, name="checkpoint-dir-lock", daemon=True)
             self._beat.start()
         return self

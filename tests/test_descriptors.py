@@ -34,9 +34,10 @@ GPT_OSS_RUNS = {
     "pretrain_single_process": ("pretrain", 1, [], "window_16"),
     "pretrain_pp2": ("pretrain", 2, PP, "window_16"),
 }
-# The dense descriptors share Llama's code paths (tp_plan.py, AutoModel's pipeline split); one run with
-# every split of a layer (TP + SP) and one pipeline run each show their models take them.
-DENSE_RUNS = {"single_process": ("kd", 1, []), "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP)}
+# The dense descriptors share Llama's code paths (tp_plan.py, AutoModel's pipeline split); a data-parallel
+# run, one with every split of a layer (TP + SP) and one pipeline run each show their models take them.
+DENSE_RUNS = {"single_process": ("kd", 1, []), "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"]),
+              "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP)}
 
 
 def train(ckpts, arch, out_dir, mode, nproc, extra):
@@ -92,8 +93,8 @@ def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral_small"])
-@pytest.mark.parametrize("name", ["tp2_sequence_parallel", "pp2"])
-def test_dense_descriptors_kd_matches_one_process_split_by_tp_sp_and_pp(dense_runs, arch, name):
+@pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2_sequence_parallel", "pp2"])
+def test_dense_descriptors_kd_matches_one_process_under_fsdp2_tp_sp_and_pp(dense_runs, arch, name):
     runs = dense_runs[arch]
     assert_same_training(runs[name], runs["single_process"], ("loss", "ce_loss", "kd_loss", "grad_norm"), STEPS)
 
