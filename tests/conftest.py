@@ -41,6 +41,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(worker, out_dir: Path, nprocs: int = 2) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on ``nprocs`` spawned processes (one thread each); return what each
+    rank wrote to ``out_dir/rank<N>.json``. A rank that crashes fails the caller."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        mp.spawn(worker, args=(port, str(out_dir)), nprocs=nprocs)
+    finally:
+        if previous is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(nprocs)]
+
+
+def leave_rank(rank: int, out_dir, results) -> None:
+    """End a spawned gloo rank: write its results, wait for the other ranks, and exit without interpreter
+    teardown, which after gloo sometimes aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    # No rank may tear down its gloo threads while another is still in a collective.
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None):
     """Run ``python -m torch.distributed.run --nproc_per_node=N <args>`` from the repo root on CPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

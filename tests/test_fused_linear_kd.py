@@ -4,9 +4,6 @@ cross-entropy and log-softmax KL sums), against today's unfused path (``loss.KDL
 ``MaskedCrossEntropy`` on materialised logits), on 2 gloo ranks with the vocabulary sharded, and for the
 one thing the fusion is for: no ``[tokens, vocab]`` tensor is ever created."""
 
-import json
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fused_linear_kd import FusedLinearKDLoss  # noqa: E402
+from conftest import leave_rank, spawn_ranks  # noqa: E402
 from loss import KDLoss  # noqa: E402
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -391,34 +389,13 @@ def _tp_worker(rank: int, port: int, out_dir: str):
                 "same_values_on_all_ranks": all(bool((v == values[0]).all()) for v in values),
                 "full_vocab_shapes": sorted(s for s in seen.shapes if vocab in s),
             }
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    # No rank may tear down its gloo threads while the other is still in a collective.
-    dist.barrier()
-    dist.destroy_process_group()
-    # Interpreter teardown after gloo sometimes aborts ("terminate called without an active exception");
-    # the results are on disk, so leave without it.
-    os._exit(0)
+    leave_rank(rank, out_dir, results)
 
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
     """Run every TP case once in a single 2-rank gloo group; a crashed rank fails every TP test."""
-    import torch.multiprocessing as mp
-
-    out_dir = tmp_path_factory.mktemp("tp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        mp.spawn(_tp_worker, args=(port, str(out_dir)), nprocs=TP_SIZE)
-    finally:
-        if previous is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(TP_SIZE)]
+    return spawn_ranks(_tp_worker, tmp_path_factory.mktemp("tp"), TP_SIZE)
 
 
 @pytest.mark.parametrize("case", list(TP_CASES))
