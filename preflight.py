@@ -99,6 +99,10 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         import fused_kd_forward  # here, not at the top: it imports this module
 
         fused_kd_forward.check_config(cfg)
+    if mode == "kd":
+        import hidden_kd  # here, not at the top: it imports this module
+
+        hidden_kd.check_config(cfg, student, teacher)
     resume.check_same_student(cfg)
 
 

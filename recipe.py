@@ -13,9 +13,11 @@ from nemo_automodel.components.training.rng import ScopedRNG
 from nemo_automodel.components.training.utils import ScopedModuleOffloading
 from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
+from torch import nn
 
 import flops
 import fused_kd_forward
+import hidden_kd
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,11 +47,15 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
       logs and normalisation, under FSDP2, TP, SP and PP (``fused_kd_forward.py``). At ``kd_ratio: 0`` KD is
       not computed (``kd_loss`` is logged as 0, as ``ce_loss`` is at ``kd_ratio: 1``) and, without PP, the
       teacher does not run.
+    - Hidden-state KD (``hidden_kd.weight > 0``, ``hidden_kd.py``): ``weight * H`` added to the loss, each student
+      layer's term entering the backward at that layer (under PP, in its own stage); ``hidden_loss`` logged in
+      ``training.jsonl``, ``validation.jsonl`` and on the console, and ``loss`` / ``val_loss`` include the term.
     """
 
     def setup(self):
         """The parent's setup (preflight has checked the ``fused_linear_loss`` settings)."""
         self.fused_linear_loss = bool(self.cfg.get("fused_linear_loss", False))
+        self.hidden_kd = None
         super().setup()
 
     def _setup_kd_state(self) -> None:
@@ -58,6 +64,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         Runs after student and teacher are built. Under PP it also makes both last stages return hidden states.
         """
         super()._setup_kd_state()
+        if hidden_kd.enabled(self.cfg):
+            self._setup_hidden_kd()
         if not self.fused_linear_loss:
             return
         if self.pp_enabled:
@@ -75,13 +83,42 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self.fused_kd_loss = fused_kd_forward.build_loss(self.kd_loss_fn, self.loss_fn, self.kd_ratio, tp_group)
         self._fused_lm_head_parts = (student, teacher)
 
+    def _setup_hidden_kd(self) -> None:
+        """Hooks for ``hidden_kd`` on both models' decoder layers (all of them, or this rank's pipeline stages)."""
+        weight, kind, layers = hidden_kd.settings(self.cfg)
+        teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
+        depths = [_depth(parts[0]) for parts in (self.model_parts, teacher_parts)]
+        tp = self.device_mesh["tp"] if self.device_mesh is not None and "tp" in self.device_mesh.mesh_dim_names else None
+        self.hidden_kd = hidden_kd.HiddenStateKD(
+            self.model_parts, teacher_parts, weight, kind, hidden_kd.layer_pairs(layers, *depths),
+            tp_group=tp.get_group() if tp is not None and tp.size() > 1 else None,
+            pp_group=self.device_mesh["pp"].get_group() if self.pp_enabled else None)
+        if self.pp_enabled:
+            self.hidden_kd.pause_during_shape_inference([*self.pp.info.stages, *self.teacher_pp.info.stages])
+
+    def _begin_hidden_kd(self, labels: torch.Tensor, microbatch_size: int | None, grad_scale: float) -> None:
+        """Hand ``hidden_kd`` this batch's label mask (``[B, S]``, split into pipeline microbatches)."""
+        if self.hidden_kd is None:
+            return
+        mask = fused_kd_forward.loss_labels(labels, self.loss_fn) != kd._get_loss_ignore_index(self.loss_fn)
+        mask = mask.to(self.dist_env.device)
+        self.hidden_kd.begin(list(mask.split(microbatch_size)) if microbatch_size else [mask], grad_scale)
+
+    def _hidden_kd_loss(self, num_label_tokens: int) -> float:
+        """``H`` over every rank since the last call (a step or a validation pass). Collective."""
+        sums = self.hidden_kd.take_sums(lambda t: self._dp_allreduce(t, include_cp=True))
+        return self.hidden_kd.hidden_loss(sums, num_label_tokens)
+
     def _forward_backward_step(self, idx, batch, *, num_label_tokens, num_batches, is_train: bool = True):
         """The parent's non-PP microbatch; with ``fused_linear_loss`` the same losses from hidden states.
 
         ``batch``: ``input_ids``, ``labels`` ``[local_batch, seq]``. Returns the detached
         ``(loss, kd_loss, ce_loss)`` of this microbatch, each divided by ``num_label_tokens`` (the step's count,
-        all-reduced over data-parallel ranks), as the parent does.
+        all-reduced over data-parallel ranks), as the parent does. ``hidden_kd``'s term is not in them (it is
+        summed by its hooks), but its gradient is in the backward.
         """
+        self._begin_hidden_kd(batch["labels"], None,
+                              self._get_dp_group_size(include_cp=True) / max(num_label_tokens, 1) if is_train else 0.0)
         if not self.fused_linear_loss:
             return super()._forward_backward_step(
                 idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
@@ -98,10 +135,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             sync_ctx = get_sync_ctx(student, idx == num_batches - 1, defer_fsdp_grad_sync=defer)
         with train_ctx(), sync_ctx:
             teacher_inputs = (None, None)
-            if self.kd_ratio > 0:
+            if self.kd_ratio > 0 or self.hidden_kd is not None:
                 with ScopedModuleOffloading(teacher, enabled=self._offload_teacher_model), torch.no_grad():
-                    teacher_inputs = fused_kd_forward.lm_head_inputs(
-                        teacher, fused_kd_forward.final_hidden_states(teacher, batch))
+                    teacher_hidden = fused_kd_forward.final_hidden_states(teacher, batch)
+                    if self.kd_ratio > 0:
+                        teacher_inputs = fused_kd_forward.lm_head_inputs(teacher, teacher_hidden)
             student_inputs = fused_kd_forward.lm_head_inputs(
                 student, fused_kd_forward.final_hidden_states(student, batch),
                 grad_reduce_group=self._get_dp_group(include_cp=True) if is_train else None)
@@ -117,8 +155,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         The terms are all-reduced over data-parallel ranks, so every rank raises at the same step.
         """
         sample = super()._run_train_optim_step(batches, max_grad_norm)
-        for term in ("kd_loss", "ce_loss", "loss"):
-            value = sample.metrics[term]
+        if self.hidden_kd is not None:
+            sample.metrics["hidden_loss"] = self._hidden_kd_loss(sample.metrics["num_label_tokens"])
+            sample.metrics["loss"] += self.hidden_kd.weight * sample.metrics["hidden_loss"]
+        for term in ("kd_loss", "ce_loss", "hidden_loss", "loss"):
+            value = sample.metrics.get(term, 0.0)
             if not math.isfinite(value):
                 # training.jsonl buffers records; keep the losses that led up to this step.
                 self.metric_logger_train.flush()
@@ -157,9 +198,10 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self.metric_logger_train.log(log_data)
         m = log_data.metrics
         mfu = "n/a" if m.get("mfu") is None else f"{m['mfu']:.2f}%"
+        hidden = f" | hidden_loss {m['hidden_loss']:.4f}" if "hidden_loss" in m else ""
         logging.info(
             f"step {log_data.step} | epoch {log_data.epoch} | loss {m['loss']:.4f} | ce_loss {m['ce_loss']:.4f} | "
-            f"kd_loss {m['kd_loss']:.4f} | grad_norm {m['grad_norm']:.4f} | lr {m['lr']:.2e} | "
+            f"kd_loss {m['kd_loss']:.4f}{hidden} | grad_norm {m['grad_norm']:.4f} | lr {m['lr']:.2e} | "
             f"mem {m['mem']:.2f} GiB | tps {m['tps']:.1f} | tps_per_gpu {m['tps_per_gpu']:.1f} | mfu {mfu} | "
             f"tokens {m['num_tokens_per_step']} | label_tokens {m['num_label_tokens']} | "
             f"kd_ratio {m['kd_ratio']:.2f} | temperature {m['temperature']:.2f}"
@@ -210,6 +252,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         # Pipeline stages fix their send/receive buffer shapes; AutoModel's CE recipe resets them
         # per batch, its KD recipe does not, so the second length seen breaks the P2P exchange.
         seq_len = batch["input_ids"].shape[1]
+        self._begin_hidden_kd(batch["labels"], self.pipeline_config.pp_microbatch_size,
+                              1.0 if kwargs.get("is_train", True) else 0.0)
         self.pp.update_seq_len(seq_len)
         if self.teacher_pp is not None:
             self.teacher_pp.update_seq_len(seq_len)
@@ -222,10 +266,31 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
 
     @torch.no_grad()
     def _run_validation_epoch(self, val_dataloader):
-        """Validation losses per label token; under PP the last stage computes them and broadcasts."""
-        if not self.pp_enabled:
-            return super()._run_validation_epoch(val_dataloader)
+        """Validation losses per label token (``hidden_loss`` too, with ``hidden_kd``, and in ``val_loss``)."""
+        if self.pp_enabled:
+            sample = self._run_pp_validation_epoch(val_dataloader)
+        else:
+            sample = super()._run_validation_epoch(val_dataloader)
+        if self.hidden_kd is not None:
+            sample.metrics["hidden_loss"] = self._hidden_kd_loss(sample.metrics["num_label_tokens"])
+            sample.metrics["val_loss"] += self.hidden_kd.weight * sample.metrics["hidden_loss"]
+        return sample
 
+    def log_val_metrics(self, val_name, log_data, metric_logger=None):
+        """Record the pass in ``validation.jsonl`` (and W&B) and print one line with every loss term."""
+        if not self.dist_env.is_main or log_data is None:
+            return
+        if kd._HAS_WANDB and kd.wandb.run is not None:
+            kd.wandb.log(log_data.to_dict() | {"val_name": val_name}, step=log_data.step)
+        if metric_logger is not None:
+            metric_logger.log(log_data)
+        m = log_data.metrics
+        terms = " | ".join(f"{k} {m[k]:.4f}" for k in ("val_loss", "ce_loss", "kd_loss", "hidden_loss") if k in m)
+        logging.info(f"[val] {val_name} | step {log_data.step} | epoch {log_data.epoch} | {terms} | "
+                     f"lr {m['lr']:.2e} | num_label_tokens {m['num_label_tokens']}")
+
+    def _run_pp_validation_epoch(self, val_dataloader):
+        """Validation under PP: the last stage computes the losses and broadcasts them."""
         ignore_index = kd._get_loss_ignore_index(self.loss_fn)
         # Token sums of the mixed loss, CE and KD; only the last stage's are non-zero.
         sums = torch.zeros(3, dtype=torch.float64, device=self.dist_env.device)
@@ -265,6 +330,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 "mem": torch.cuda.max_memory_allocated() / 1024**3,
             },
         )
+
+
+def _depth(model: nn.Module) -> int:
+    """The number of decoder layers in ``model``'s config (its text model's, for a multimodal one)."""
+    return model.config.get_text_config().num_hidden_layers
 
 
 def _inferring_gradient_shapes(schedule) -> bool:
