@@ -191,6 +191,12 @@ class HiddenStateKD:
             if s in student_layers:
                 self._handles.append(student_layers[s].register_forward_hook(self._student_hook(s)))
 
+    def remove(self) -> None:
+        """Take the hooks off both models."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
     def _check_pairs_are_local(self, student_layers: dict, teacher_layers: dict) -> None:
         """Every pair's two layers on one rank; raised on every rank alike (the layouts are gathered first)."""
         local = (sorted(student_layers), sorted(teacher_layers))

@@ -7,6 +7,9 @@ train on after a validation pass (the case that used to break pipeline paralleli
 
 Every run is made twice: with ``fused_linear_loss=true`` (kd.yaml's default: losses from hidden
 states, no logits) and ``false`` (AutoModel's path through full logits); the two must agree too.
+
+Every run also distils hidden states (:data:`HIDDEN_KD`): student layers 0, 2 and 3 learn teacher layers 1, 3 and
+3, so under PP=2 each stage computes its own pairs and the grad norm checks that stage 0's layers get their part.
 """
 
 import json
@@ -24,6 +27,8 @@ from tools.build_checkpoints import TINY
 
 STEPS = 5
 PEAK_TFLOPS = 0.001  # a made-up CPU peak, so that mfu is logged
+HIDDEN_KD_WEIGHT = 0.5
+HIDDEN_KD = [f"hidden_kd.weight={HIDDEN_KD_WEIGHT}", "hidden_kd.layers=[[0,1],[2,3],[3,3]]"]
 # name: (processes, overrides); all with global batch 4.
 RUNS = {
     "single_process": (1, ["step_scheduler.local_batch_size=4", f"mfu_peak_tflops={PEAK_TFLOPS}"]),
@@ -60,7 +65,8 @@ def run_all(ckpts, tmp_path_factory, fused: bool) -> dict:
     out = {}
     for name, (nproc, extra) in RUNS.items():
         out_dir = tmp_path_factory.mktemp(f"{name}_fused_{fused}")
-        out[name] = (*kd_run(ckpts, out_dir, nproc, [*extra, f"fused_linear_loss={str(fused).lower()}"]), out_dir)
+        out[name] = (*kd_run(ckpts, out_dir, nproc, [*extra, *HIDDEN_KD, f"fused_linear_loss={str(fused).lower()}"]),
+                     out_dir)
     return out
 
 
@@ -81,7 +87,9 @@ def test_the_reference_run_trains_logs_every_step_and_validates(runs):
     assert [r["step"] for r in train] == list(range(STEPS))
     for r in train:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["kd_loss"] >= 0
-        assert r["loss"] == pytest.approx((1 - r["kd_ratio"]) * r["ce_loss"] + r["kd_ratio"] * r["kd_loss"], rel=1e-5)
+        assert r["hidden_loss"] > 0
+        assert r["loss"] == pytest.approx((1 - r["kd_ratio"]) * r["ce_loss"] + r["kd_ratio"] * r["kd_loss"]
+                                          + HIDDEN_KD_WEIGHT * r["hidden_loss"], rel=1e-5)
         assert r["mem"] > 0, "mem must be real on CPU (peak RSS)"
     assert [v["step"] for v in val] == [2, 4]
     assert train[-1]["loss"] < train[0]["loss"]
@@ -90,7 +98,7 @@ def test_the_reference_run_trains_logs_every_step_and_validates(runs):
 @pytest.mark.parametrize("name", [n for n in RUNS if n != "single_process"])
 def test_step0_loss_and_grad_norm_match_one_process(runs, name):
     ref, got = runs["single_process"][0][0], runs[name][0][0]
-    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+    for key in ("loss", "ce_loss", "kd_loss", "hidden_loss", "grad_norm"):
         assert got[key] == pytest.approx(ref[key], rel=1e-4), key
 
 
@@ -99,6 +107,7 @@ def test_loss_after_five_steps_matches_one_process(runs, name):
     ref, got = runs["single_process"][0], runs[name][0]
     assert [r["step"] for r in got] == list(range(STEPS))
     assert got[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-3)
+    assert got[-1]["hidden_loss"] == pytest.approx(ref[-1]["hidden_loss"], rel=1e-3)
     assert got[-1]["num_label_tokens"] == ref[-1]["num_label_tokens"]
 
 
@@ -107,7 +116,7 @@ def test_validation_losses_match_one_process_pipeline_parallel_included(runs, na
     ref, got = runs["single_process"][1], runs[name][1]
     assert [v["step"] for v in got] == [v["step"] for v in ref]
     for r, g in zip(ref, got):
-        for key in ("val_loss", "ce_loss", "kd_loss"):
+        for key in ("val_loss", "ce_loss", "kd_loss", "hidden_loss"):
             assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
 
 
@@ -115,7 +124,7 @@ def test_validation_losses_match_one_process_pipeline_parallel_included(runs, na
 def test_fused_linear_loss_trains_as_the_logits_path_does(runs, logits_runs, name):
     (ref, ref_val, _), (got, got_val, _) = logits_runs[name], runs[name]
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(STEPS))
-    for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+    for key in ("loss", "ce_loss", "kd_loss", "hidden_loss", "grad_norm"):
         assert got[0][key] == pytest.approx(ref[0][key], rel=1e-4), key
     for r, g in zip(ref, got):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-4), g["step"]
@@ -241,3 +250,14 @@ def test_kd_ratio_one_trains_on_the_kd_term_alone(ckpts, runs, tmp_path):
         assert r["loss"] == pytest.approx(r["kd_loss"], rel=1e-6)
     # Same step 0 KD term as the mixed run: the teacher and student start from the same weights.
     assert kd[0]["kd_loss"] == pytest.approx(runs["single_process"][0][0]["kd_loss"], rel=1e-5)
+
+
+def test_hidden_state_kd_from_the_students_own_checkpoint_is_zero(ckpts, tmp_path):
+    student = ckpts["llama"]["student"]
+    train, val = kd_run(ckpts, tmp_path / "self", 1, [
+        "step_scheduler.local_batch_size=4", f"teacher_model.pretrained_model_name_or_path={student}",
+        "teacher_model.anymodel_descriptor=llama", "hidden_kd.weight=1", "hidden_kd.loss=normalized_mse"])
+    assert train[0]["hidden_loss"] == pytest.approx(0.0, abs=1e-12)
+    assert train[0]["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    # Training moves the student away from its frozen copy.
+    assert train[-1]["hidden_loss"] > 0 and val[-1]["hidden_loss"] > 0
