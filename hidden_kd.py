@@ -85,13 +85,18 @@ def check_config(cfg, student: Checkpoint, teacher: Checkpoint) -> None:
                             "not here: set separate_meshes=false or hidden_kd.weight=0")
     if student.config is None or teacher.config is None:
         return  # hub ids: checked against the built models at setup
-    depths = (student.get("num_hidden_layers"), teacher.get("num_hidden_layers"))
+    depths = (_depth_on_disk(student), _depth_on_disk(teacher))
     widths = (student.get("hidden_size"), teacher.get("hidden_size"))
     if widths[0] != widths[1]:
         raise HiddenKDError(f"hidden_kd: the student's hidden_size is {widths[0]} and the teacher's {widths[1]}; "
                             "hidden-state KD compares them channel by channel (no projection is learned): "
                             "set hidden_kd.weight=0 or use a teacher of the student's width")
     layer_pairs(layers, *depths)
+
+
+def _depth_on_disk(ckpt: Checkpoint) -> int:
+    """Decoder layers per ``config.json`` (Nemotron-H lists its layers' kinds instead of a count)."""
+    return ckpt.get("num_hidden_layers") or len(ckpt.get("layers_block_type") or ())
 
 
 def layer_pairs(layers, student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:

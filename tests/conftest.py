@@ -108,6 +108,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# Hidden-state KD on every layer, for the descriptor parity runs (each descriptor's layers are found and paired).
+HIDDEN_KD = ["hidden_kd.weight=0.5", "hidden_kd.loss=mse"]
+HIDDEN_KD_KEYS = ("loss", "ce_loss", "kd_loss", "hidden_loss", "grad_norm")
+
 # AutoModel's FSDP2 default computes in bf16; comparisons between runs need fp32 compute.
 FP32_COMPUTE = [
     "distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
