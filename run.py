@@ -6,9 +6,11 @@
 
 Overrides take any of the forms ``a.b=v``, ``--a.b=v`` and ``--a.b v``; values are read as YAML
 scalars (``null``, ``true``, ``1e-5``, ``[0.9, 0.95]``). Works under ``torchrun`` and as plain
-``python -m run`` (one process).
+``python -m run`` (one process). ``--help`` explains all this; ``--print-config`` prints the config a
+command line resolves to, after the checks a real run makes, and starts nothing.
 """
 
+import contextlib
 import difflib
 import json
 import os
@@ -22,7 +24,37 @@ import resume
 
 HERE = Path(__file__).resolve().parent
 MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
-USAGE = "usage: python -m run --mode {kd,pretrain} [-c CONFIG] [key=value | --key=value | --key value ...]"
+USAGE = ("usage: python -m run --mode {kd,pretrain} [-c CONFIG] [--print-config] "
+         "[key=value | --key=value | --key value ...]")
+HELP_FLAGS = ("-h", "--help")
+PRINT_CONFIG = "--print-config"
+HELP = f"""{USAGE}
+       torchrun --nproc_per_node=N -m run ...   (one process per GPU; on a CPU-only machine, gloo)
+
+Distill (kd) or train (pretrain) Puzzletron / AnyModel checkpoints with NeMo AutoModel 0.7.0's recipes.
+
+modes:
+  --mode kd         the student learns from a teacher: loss = (1 - kd_ratio) * CE + kd_ratio * KD
+  --mode pretrain   the student alone, AutoModel's fine-tuning recipe
+
+options:
+  -c, --config CONFIG   the YAML config (default: {MODES['kd']} for kd, {MODES['pretrain']} for pretrain)
+  --print-config        print the config this command line resolves to (overrides applied, the CPU backend
+                        switch included) as YAML, after the checks a real run makes, and exit; starts no
+                        process group, loads no weights, writes nothing
+  -h, --help            print this message and exit
+
+overrides, in any of three forms; values are YAML (null, true, 1e-5, [0.9, 0.95]):
+  section.key=value   --section.key=value   --section.key value
+  e.g. model.pretrained_model_name_or_path=/ckpts/student model.anymodel_descriptor=llama kd_ratio=0.9
+
+shipped configs, in {HERE}:
+  {MODES['kd']}         student (model), teacher_model, kd_ratio, kd_loss_fn, distributed, optimizer, data,
+                  checkpoint; the checkpoint paths are null and must be given
+  {MODES['pretrain']}   the same without the teacher and the KD keys
+{HERE / 'README.md'} explains them: "Configs and overrides" (sections, override forms), "Checkpoints"
+(anymodel_descriptor, block configs), "Errors and recovery" (what is checked before a run starts).
+"""
 # Top-level sections AutoModel 0.7.0's LLM recipes read that kd.yaml / pretrain.yaml leave out:
 # overriding one adds it; overriding any other missing section is a typo.
 OPTIONAL_SECTIONS = ("lr_scheduler", "clip_grad_norm", "packed_sequence", "peft", "fp8", "qat", "quantization",
@@ -35,13 +67,18 @@ class UsageError(Exception):
 
 
 def parse_argv(argv: list[str]) -> tuple[str, Path, list[tuple[str, str]]]:
-    """Split the command line into ``(mode, config_path, [(dotted_key, raw_value), ...])``."""
+    """Split the command line into ``(mode, config_path, [(dotted_key, raw_value), ...])``.
+
+    ``-h``, ``--help`` and ``--print-config`` are left to :func:`main`: never an override, nor an override's value.
+    """
     mode, config, overrides = None, None, []
     i = 0
     while i < len(argv):
         token = argv[i]
         flag, eq, inline = token.partition("=")
-        if flag in ("--mode", "-c", "--config"):
+        if token in (*HELP_FLAGS, PRINT_CONFIG):
+            pass  # main() acts on these; they are never overrides
+        elif flag in ("--mode", "-c", "--config"):
             if eq:
                 value = inline
             elif i + 1 < len(argv):
@@ -57,7 +94,7 @@ def parse_argv(argv: list[str]) -> tuple[str, Path, list[tuple[str, str]]]:
             key = flag[2:]
             if eq:
                 overrides.append((key, inline))
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and argv[i + 1] not in HELP_FLAGS:
                 i += 1
                 overrides.append((key, argv[i]))
             else:
@@ -187,6 +224,12 @@ def prepare(argv: list[str]):
     return Recipe, cfg
 
 
+def _print_on_rank_zero(text: str) -> None:
+    """Print once per job, also under torchrun, where every rank runs main()."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def user_error_types() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": printed as one line, exit code 2, no traceback."""
     types = [UsageError]
@@ -208,7 +251,18 @@ def report_error(line: str, usage: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    Recipe, cfg = prepare(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if set(HELP_FLAGS) & set(argv):  # before any parsing: help needs no --mode
+        _print_on_rank_zero(HELP.rstrip())
+        return
+    if PRINT_CONFIG in argv:
+        # stdout carries the YAML alone: what the checks print (ModelOpt's detections) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            _, cfg = prepare(argv)
+        # What the run would save as each checkpoint's config.yaml (AutoModel's base recipe).
+        _print_on_rank_zero(yaml.safe_dump(cfg.to_yaml_dict(use_orig_values=True), sort_keys=False).rstrip())
+        return
+    Recipe, cfg = prepare(argv)
     lock = None
     if cfg.get("checkpoint.enabled", True) and cfg.get("checkpoint.checkpoint_dir", None):
         from checkpoint_lock import CheckpointDirLock

@@ -13,7 +13,7 @@ from tools.prune_student import prune
 
 @pytest.fixture(autouse=True, scope="module")
 def restore_automodel():
-    """``demo.load_model`` patches AutoModel as ``run.py`` does; later test modules expect it unpatched."""
+    """``tools.evaluate`` patches AutoModel as ``run.py`` does; later test modules expect it unpatched."""
     yield
     patch_automodel.remove_patch()
 
@@ -48,13 +48,12 @@ def test_export_is_a_consolidated_checkpoint_carrying_the_block_configs(trained)
 def test_export_loads_with_anymodel_descriptor_and_reproduces_the_final_validation_loss(trained):
     """The recipe's last validation pass ran the trained model over every validation token; the
     exported model, loaded as a user loads it, must give the same cross-entropy from its logits."""
-    model = demo.load_model(trained["export"], anymodel=True)
-    for layer, block in zip(model.model.layers, demo.STUDENT_BLOCKS, strict=True):
-        assert layer.mlp.up_proj.out_features == block["ffn"]["intermediate_size"]
-    ce, tokens = demo.validation_ce(model, trained["data"])
+    result = demo.evaluate_models({"student": trained["export"]}, trained["data"])["student"]
     logged = read_jsonl(trained["run"] / "validation.jsonl")[-1]
-    assert logged["step"] == 1 and tokens == logged["num_label_tokens"]
-    assert ce == pytest.approx(logged["ce_loss"], rel=1e-5)
+    assert logged["step"] == 1 and result["tokens"] == logged["num_label_tokens"]
+    assert result["ce"] == pytest.approx(logged["ce_loss"], rel=1e-5)
+    # Loaded with its block configs: the pruned student's parameter count, not the teacher's.
+    assert result["parameters"] == sum(t.numel() for t in checkpoint_tensors(trained["student"]).values())
 
 
 def test_a_stage_is_skipped_only_when_its_fingerprint_matches(tmp_path):

@@ -13,13 +13,14 @@ to rerun it and everything after it):
 2. ``teacher``: a randomly initialised small Llama, pretrained with
    ``torchrun --nproc_per_node=2 -m run --mode pretrain``.
 3. ``student_init``: ``tools.prune_student`` with :data:`STUDENT_BLOCKS`.
-4. ``student_ce`` and ``student_kd``: ``--mode kd`` from the same student, data and steps, with
-   ``kd_ratio=0`` (cross-entropy only) and :data:`KD_RATIO`, on the first
-   ``STUDENT_RUN["train_rows"]`` train rows.
+4. ``student_ce``, ``student_kd`` and ``student_kd_hidden``: ``--mode kd`` from the same student, data and
+   steps (:data:`STUDENT_RUNS`): ``kd_ratio=0`` (cross-entropy only), :data:`KD_RATIO`, and :data:`KD_RATIO` plus
+   hidden-state KD (:data:`HIDDEN_KD`), on the first ``STUDENT_RUN["train_rows"]`` train rows.
 5. ``results.json``, a table on stdout and ``loss_curves.png``: validation CE of every model.
 
 Each training run writes a consolidated Hugging Face checkpoint (``checkpoint.save_consolidated``),
-which is what the evaluation loads, through ``from_pretrained(..., anymodel_descriptor="llama")``.
+which is what the evaluation (``tools.evaluate``, as a user runs it on their own models) loads, through
+``from_pretrained(..., anymodel_descriptor="auto")``.
 """
 
 import argparse
@@ -65,6 +66,16 @@ STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16
 # Below 1: at kd_ratio=1 AutoModel's recipe skips the CE term and logs 0 for it, and the curves need it.
 KD_RATIO = 0.9
 TEMPERATURE = 1.0
+# Puzzle's global KD: every student layer also learns its teacher layer's output.
+HIDDEN_KD = dict(weight=1.0, loss="cosine", layers="all")
+# name: (legend, kd_ratio, hidden-state KD settings or None)
+STUDENT_RUNS = {
+    "student_ce": ("CE only (kd_ratio=0)", 0.0, None),
+    "student_kd": (f"KD (kd_ratio={KD_RATIO})", KD_RATIO, None),
+    "student_kd_hidden": (f"KD + hidden-state KD ({HIDDEN_KD['loss']}, weight {HIDDEN_KD['weight']})", KD_RATIO,
+                          HIDDEN_KD),
+}
+COLORS = {"student_ce": "tab:orange", "student_kd": "tab:blue", "student_kd_hidden": "tab:purple"}
 
 
 def log(msg: str) -> None:
@@ -202,40 +213,13 @@ def final_checkpoint(run_dir: Path) -> Path:
 # ---------------------------------------------------------------- evaluation
 
 
-def load_model(path: Path, anymodel: bool):
-    """A checkpoint through ``NeMoAutoModelForCausalLM.from_pretrained``, as a user loads it (fp32, eval)."""
-    import torch
-    from nemo_automodel import NeMoAutoModelForCausalLM
+def evaluate_models(paths: dict[str, Path], data_dir: Path) -> dict[str, dict]:
+    """``tools.evaluate`` on the validation split, scored as the runs' validation scores it (title as the prompt,
+    loss on the text): ``{name: {"ce", "tokens", "parameters", ...}}``."""
+    from tools.evaluate import evaluate
 
-    import run
-
-    run.setup_runtime()
-    kwargs = {"anymodel_descriptor": "llama"} if anymodel else {}
-    return NeMoAutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, **kwargs).eval()
-
-
-def validation_ce(model, data_dir: Path, batch_size: int = 16) -> tuple[float, int]:
-    """``(mean CE per label token, label tokens)`` over the validation split, batched as the recipe does."""
-    import torch
-    import torch.nn.functional as F
-    from nemo_automodel.components.datasets.llm.column_mapped_text_instruction_dataset import (
-        ColumnMappedTextInstructionDataset,
-    )
-    from nemo_automodel.components.datasets.utils import default_collater
-    from transformers import AutoTokenizer
-
-    dataset = ColumnMappedTextInstructionDataset(
-        str(data_dir / "validation.jsonl"), {"context": "title", "answer": "text"},
-        AutoTokenizer.from_pretrained(data_dir / "tokenizer"), seq_length=SEQ_LEN, truncation=True)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = default_collater([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            labels = batch["labels"]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
-    return total / count, count
+    return evaluate(paths, data_dir / "validation.jsonl", prompt_field="title", answer_field="text",
+                    seq_length=SEQ_LEN, tokenizer=data_dir / "tokenizer")
 
 
 def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -245,19 +229,17 @@ def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def plot(results: dict, curves: dict, path: Path) -> None:
-    """Validation CE of both student runs against the teacher's level: all of it, and the last stretch."""
+    """Validation CE of every student run against the teacher's level: all of it, and the last stretch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = (("student_ce", "student, CE only (kd_ratio=0)", "tab:orange"),
-            ("student_kd", f"student, KD (kd_ratio={KD_RATIO})", "tab:blue"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, first in zip(axes, (0, 2)):
-        for name, label, color in runs:
+        for name, (label, _, _) in STUDENT_RUNS.items():
             steps, losses = zip((0, results["student_init_val_loss"]), *curves[name])
-            ax.plot(steps[first:], losses[first:], marker="o", ms=3, color=color, label=label)
+            ax.plot(steps[first:], losses[first:], marker="o", ms=3, color=COLORS[name], label=f"student, {label}")
         ax.axhline(results["teacher_val_loss"], color="tab:green", ls="--", label="teacher")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -276,13 +258,25 @@ def table(results: dict) -> str:
     rows = [("unigram baseline", results["unigram_val_loss"], ""),
             ("teacher", results["teacher_val_loss"], ""),
             ("student, pruned from teacher", results["student_init_val_loss"], "0 %"),
-            ("student, CE only", results["student_ce_val_loss"], f"{results['gap_recovered_ce']:.0%}"),
-            ("student, KD", results["student_kd_val_loss"], f"{results['gap_recovered_kd']:.0%}")]
+            *((f"student, {label}", results[f"{name}_val_loss"], f"{results[gap_key(name)]:.0%}")
+              for name, (label, _, _) in STUDENT_RUNS.items())]
     lines = ["| model | validation CE | share of the teacher-student gap recovered |", "|---|---|---|"]
     lines += [f"| {name} | {loss:.3f} | {share} |" for name, loss, share in rows]
-    margin = results["student_ce_val_loss"] - results["student_kd_val_loss"]
-    verdict = f"KD beats CE only by {margin:.3f}" if margin > 0 else f"KD does NOT beat CE only ({margin:.3f})"
-    return "\n".join(lines) + f"\n\n(gap: {gap:.3f} nats/token; {verdict} nats/token)"
+    verdicts = [verdict(results, "student_kd", "KD", "student_ce", "CE only"),
+                verdict(results, "student_kd_hidden", "KD + hidden-state KD", "student_kd", "KD alone")]
+    return "\n".join(lines) + f"\n\n(gap: {gap:.3f} nats/token; {'; '.join(verdicts)})"
+
+
+def gap_key(run: str) -> str:
+    """``gap_recovered_ce`` for ``student_ce``, and so on."""
+    return f"gap_recovered_{run.removeprefix('student_')}"
+
+
+def verdict(results: dict, run: str, name: str, other: str, other_name: str) -> str:
+    margin = results[f"{other}_val_loss"] - results[f"{run}_val_loss"]
+    if margin > 0:
+        return f"{name} beats {other_name} by {margin:.3f} nats/token"
+    return f"{name} does NOT beat {other_name} ({margin:.3f} nats/token)"
 
 
 # ---------------------------------------------------------------- stages
@@ -357,10 +351,13 @@ def main(argv: list[str] | None = None) -> None:
               "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
               *dataset_overrides(data_dir, STUDENT_RUN["train_rows"])]
     runs = {}
-    for name, kd_ratio in (("student_ce", 0.0), ("student_kd", KD_RATIO)):
-        stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint)
+    for name, (_, kd_ratio, hidden) in STUDENT_RUNS.items():
+        stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint,
+                      **({"hidden_kd": hidden} if hidden else {}))
         if not stage.fresh():
-            ckpt = torchrun("kd", [*common, f"kd_ratio={kd_ratio}", *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
+            hidden_overrides = [f"hidden_kd.{k}={v}" for k, v in (hidden or {}).items()]
+            ckpt = torchrun("kd", [*common, f"kd_ratio={kd_ratio}", *hidden_overrides,
+                                   *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
             stage.done(checkpoint=str(ckpt))
         runs[name] = stage
 
@@ -370,20 +367,19 @@ def main(argv: list[str] | None = None) -> None:
         log("results: up to date, skipped")
         results = json.loads(results_path.read_text())
     else:
-        log("results: evaluating every model on the validation split")
-        losses, params = {}, {}
-        for name, path, anymodel in (("teacher", teacher_ckpt, False), ("student_init", student.dir, True),
-                                     *((n, Path(s.info()["checkpoint"]), True) for n, s in runs.items())):
-            model = load_model(path, anymodel)
-            losses[name], val_tokens = validation_ce(model, data_dir)
-            params[name] = sum(p.numel() for p in model.parameters())
-            log(f"  {name}: {losses[name]:.4f}")
+        log("results: evaluating every model on the validation split (tools.evaluate)")
+        evaluated = evaluate_models({"teacher": teacher_ckpt, "student_init": student.dir,
+                                     **{n: Path(s.info()["checkpoint"]) for n, s in runs.items()}}, data_dir)
+        losses = {name: r["ce"] for name, r in evaluated.items()}
+        params = {name: r["parameters"] for name, r in evaluated.items()}
+        val_tokens = evaluated["teacher"]["tokens"]
+        for name, loss in losses.items():
+            log(f"  {name}: {loss:.4f}")
         gap = losses["student_init"] - losses["teacher"]
         results = {
             **{f"{n}_val_loss": v for n, v in losses.items()},
             "unigram_val_loss": data.info()["unigram_val_loss"],
-            "gap_recovered_ce": (losses["student_init"] - losses["student_ce"]) / gap,
-            "gap_recovered_kd": (losses["student_init"] - losses["student_kd"]) / gap,
+            **{gap_key(n): (losses["student_init"] - losses[n]) / gap for n in runs},
             "teacher_params": params["teacher"],
             "student_params": params["student_init"],
             "teacher_steps": TEACHER_RUN["steps"],
@@ -395,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             "validation_tokens": val_tokens,
             "stage_seconds": {s.name: s.info()["seconds"] for s in (data, teacher, student, *runs.values())},
             "kd_ratio": KD_RATIO,
+            "hidden_kd": HIDDEN_KD,
             "temperature": TEMPERATURE,
             "inputs": key,
         }
