@@ -35,6 +35,7 @@ Distill (kd) or train (pretrain) Puzzletron / AnyModel checkpoints with NeMo Aut
 
 modes:
   --mode kd         the student learns from a teacher: loss = (1 - kd_ratio) * CE + kd_ratio * KD
+                    (+ hidden_kd.weight * H, with hidden-state KD)
   --mode pretrain   the student alone, AutoModel's fine-tuning recipe
 
 options:
@@ -49,8 +50,8 @@ overrides, in any of three forms; values are YAML (null, true, 1e-5, [0.9, 0.95]
   e.g. model.pretrained_model_name_or_path=/ckpts/student model.anymodel_descriptor=llama kd_ratio=0.9
 
 shipped configs, in {HERE}:
-  {MODES['kd']}         student (model), teacher_model, kd_ratio, kd_loss_fn, distributed, optimizer, data,
-                  checkpoint; the checkpoint paths are null and must be given
+  {MODES['kd']}         student (model), teacher_model, kd_ratio, kd_loss_fn, fused_linear_loss, hidden_kd,
+                  distributed, optimizer, data, checkpoint; the checkpoint paths are null and must be given
   {MODES['pretrain']}   the same without the teacher and the KD keys
 {HERE / 'README.md'} explains them: "Configs and overrides" (sections, override forms), "Checkpoints"
 (anymodel_descriptor, block configs), "Errors and recovery" (what is checked before a run starts).
