@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hidden_kd
 import preflight
+from conftest import tiny_overrides, torchrun
 from test_preflight import config, copy_checkpoint, error
 
 LOSSES = hidden_kd.LOSSES
@@ -167,3 +168,16 @@ def test_a_teacher_of_another_width_is_refused_naming_both_sizes(ckpts, tmp_path
         "hidden_kd: the student's hidden_size is 64 and the teacher's 128; hidden-state KD compares them channel by "
         "channel (no projection is learned): set hidden_kd.weight=0 or use a teacher of the student's width")
     preflight.check(config(ckpts, tmp_path, wider), "kd", world_size=1)  # without hidden_kd the teacher is fine
+
+
+def test_a_pair_split_across_pipeline_stages_stops_every_rank_with_one_line(ckpts, tmp_path):
+    # PP=2 puts layers 0-1 on rank 0 and 2-3 on rank 1, for the student and the teacher alike.
+    args = [*tiny_overrides(ckpts, "llama", tmp_path / "ck"), "distributed.pp_size=2",
+            "distributed.pipeline.pp_microbatch_size=2", "step_scheduler.local_batch_size=4", "hidden_kd.weight=1",
+            "hidden_kd.layers=[[0,0],[1,2]]"]
+    result = torchrun(["-m", "run", "--mode", "kd", *args], nproc=2)
+    assert result.returncode != 0
+    line = ("run.py: error: hidden_kd.layers: student layer 1 and teacher layer 2 are in different pipeline stages, "
+            "so the stage that trains 1 never sees 2: pair layers the pipeline split keeps together, or set "
+            "distributed.pp_size=1")
+    assert result.stderr.count(line) >= 2, result.stderr[-3000:]  # both ranks, neither left waiting for the other
