@@ -18,8 +18,8 @@ indices, or a list of ``[student, teacher]`` pairs (which also serve a student o
 How it works, the same way for every parallelism: forward hooks on the decoder layers. The teacher's layers record
 their outputs; when the student's layer ``s`` runs, its hook computes the per-token loss against the recorded teacher
 output (which is then dropped), adds the value to the step's sums, and registers a gradient hook on the layer's
-output that adds ``weight / P * dH/dh_s`` (computed then, in fp32 or wider) to whatever gradient reaches it. So the term's
-gradient enters the backward pass at the layer it belongs to:
+output that adds ``weight / P * dH/dh_s`` (computed then, in closed form, in fp32 or wider) to whatever gradient
+reaches it. So the term's gradient enters the backward pass at the layer it belongs to:
 
 * FSDP2 and data parallelism: local sums, all-reduced over data-parallel ranks like the KD term's.
 * TP: a layer output is whole on every TP rank, and so is its gradient; each rank adds the same one.
@@ -30,8 +30,13 @@ gradient enters the backward pass at the layer it belongs to:
   backward. Microbatches reach each layer in order, teacher before student (the recipe runs the teacher's schedule
   first); the forwards torch runs to infer stage shapes are ignored.
 
-Teacher outputs are kept from the teacher's forward to the student layer that uses them (under PP: for the step's
-microbatches, as the teacher's logits are). Context parallelism and ``separate_meshes`` are refused before any weights
+Activation checkpointing re-runs layers inside the backward pass; the hooks ignore those re-runs.
+
+Memory: per pair, one ``[mb, S, H]`` teacher output from the teacher's forward to the student layer that uses it,
+then one injected gradient of that size until the backward reaches the layer (under PP: for every microbatch of the
+step in flight, as the teacher's logits are). With ``layers: all`` that is about two more layer outputs per layer.
+
+Context parallelism and ``separate_meshes`` are refused before any weights
 load, as is a pair whose hidden sizes differ (this module learns no projection).
 """
 
@@ -40,7 +45,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -63,6 +67,7 @@ def settings(cfg) -> tuple[float, str, object]:
 
 
 def enabled(cfg) -> bool:
+    """Whether the config turns hidden-state KD on (``hidden_kd.weight > 0``)."""
     weight = settings(cfg)[0]
     return isinstance(weight, (int, float)) and weight > 0
 
@@ -106,6 +111,9 @@ def layer_pairs(layers, student_depth: int, teacher_depth: int) -> list[tuple[in
             raise HiddenKDError(
                 f"hidden_kd.layers=all pairs each layer with its namesake, but the student has {student_depth} layers "
                 f"and the teacher {teacher_depth}: list the pairs, e.g. hidden_kd.layers=[[0,0],[1,2]]")
+        if not student_depth:
+            raise HiddenKDError("hidden_kd.layers=all: the student's config gives no number of layers; list them, "
+                                "e.g. hidden_kd.layers=[0,1,2,3]")
         return [(i, i) for i in range(student_depth)]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise HiddenKDError(f"hidden_kd.layers={layers!r} must be all, a list of layer indices or a list of "
@@ -136,14 +144,23 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def per_token_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``[..., H]`` student and teacher hidden states -> ``[...]`` loss per token (in their dtype; pass fp32)."""
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=EPS)
-    squared = (student - teacher).square()
+def per_token_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, H]`` student and teacher hidden states -> ``([N] loss per token, [N, H] its gradient w.r.t. student)``.
+
+    Closed form, no autograd: run inside a checkpointed layer, an autograd graph here would add saved tensors that
+    the checkpoint's recomputation (which skips this) does not have. Norms below ``EPS`` count as ``EPS``.
+    """
+    diff = student - teacher
     if kind == "mse":
-        return squared.mean(-1)
-    return squared.sum(-1) / teacher.square().sum(-1).clamp_min(EPS)
+        return diff.square().mean(-1), diff * (2.0 / student.shape[-1])
+    if kind == "normalized_mse":
+        scale = teacher.square().sum(-1, keepdim=True).clamp_min(EPS**2)
+        return (diff.square().sum(-1, keepdim=True) / scale).squeeze(-1), 2.0 * diff / scale
+    student_norm = student.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    teacher_norm = teacher.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    cosine = (student * teacher).sum(-1, keepdim=True) / (student_norm * teacher_norm)
+    grad = cosine * student / student_norm.square() - teacher / (student_norm * teacher_norm)
+    return (1.0 - cosine).squeeze(-1), grad
 
 
 def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -236,16 +253,21 @@ class HiddenStateKD:
     @contextmanager
     def paused(self):
         """Hooks do nothing inside (torch's pipeline shape inference runs the stages on uninitialised inputs)."""
-        self._paused, paused = True, self._paused
+        was_paused = self._paused
+        self._paused = True
         try:
             yield
         finally:
-            self._paused = paused
+            self._paused = was_paused
 
     def pause_during_shape_inference(self, stages) -> None:
         """Wrap each pipeline stage's forward metadata inference in :meth:`paused`."""
         for stage in stages:
-            infer = stage._forward_metadata_inference
+            infer = getattr(stage, "_forward_metadata_inference", None)
+            if infer is None:
+                raise HiddenKDError(f"hidden_kd: torch {torch.__version__}'s pipeline stages have no forward metadata "
+                                    "inference to pause (written for torch 2.13): set hidden_kd.weight=0 or "
+                                    "distributed.pp_size=1")
 
             def paused_inference(*args, _infer=infer, **kwargs):
                 with self.paused():
@@ -257,7 +279,7 @@ class HiddenStateKD:
         targets = [p for p, (_, t) in enumerate(self.pairs) if t == layer]
 
         def record(module, args, output):
-            if self._paused:
+            if self._paused or _recomputing():
                 return
             hidden = _hidden(output).detach()
             for p in targets:
@@ -269,7 +291,7 @@ class HiddenStateKD:
         sources = [p for p, (s, _) in enumerate(self.pairs) if s == layer]
 
         def distill(module, args, output):
-            if self._paused:
+            if self._paused or _recomputing():
                 return
             hidden = _hidden(output)
             injected = None
@@ -297,15 +319,16 @@ class HiddenStateKD:
         self._microbatch[p] += 1
         student, teacher, mask, chunked = _local_views(hidden, teacher, mask)
         train = self._grad_scale != 0.0 and torch.is_grad_enabled() and hidden.requires_grad
-        with torch.enable_grad() if train else torch.no_grad():
+        with torch.no_grad():
             dtype = torch.promote_types(student.dtype, torch.float32)
-            student_up = student.detach().to(dtype).requires_grad_(train)
-            total = (per_token_loss(self.kind, student_up, teacher.to(dtype)) * mask).sum()
-        self._sums[int(chunked), p] += total.detach().double().to(self._sums.device)
-        if not train:
-            return None
-        (grad,) = torch.autograd.grad(total, student_up)
-        return (grad * self._grad_scale).to(student.dtype)
+            # Only label tokens: padding's hidden states take no part, not even as 0 * NaN.
+            loss, grad = per_token_loss(self.kind, student[mask].to(dtype), teacher[mask].to(dtype))
+            self._sums[int(chunked), p] += loss.sum().double().to(self._sums.device)
+            if not train:
+                return None
+            full = torch.zeros_like(student)
+            full[mask] = (grad * self._grad_scale).to(student.dtype)
+            return full
 
     def take_sums(self, dp_allreduce) -> torch.Tensor:
         """``[P]`` float64 token sums per pair since the last call, over every rank; resets them. Collective.
@@ -324,6 +347,13 @@ class HiddenStateKD:
     def hidden_loss(self, sums: torch.Tensor, num_label_tokens: int) -> float:
         """``H`` from :meth:`take_sums`' sums and the step's (or validation pass's) label-token count."""
         return float(sums.sum() / len(self.pairs) / max(num_label_tokens, 1))
+
+
+def _recomputing() -> bool:
+    """True inside a backward pass. Hugging Face's ``GradientCheckpointingLayer`` checkpoints the whole call, forward
+    hooks included; torch's early stop usually ends the recomputation before the hooks, but where it does not, a
+    re-run layer must not record or distil again (the forward's gradient hook already carries the term)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _hidden(output):

@@ -13,7 +13,6 @@ from nemo_automodel.components.training.rng import ScopedRNG
 from nemo_automodel.components.training.utils import ScopedModuleOffloading
 from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
-from torch import nn
 
 import flops
 import fused_kd_forward
@@ -45,8 +44,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
       path): student and teacher stop at their final hidden states and ``FusedLinearKDLoss`` computes CE and KD
       from them and the LM-head weights, chunk by chunk, so no ``[tokens, vocab]`` logits exist; same losses,
       logs and normalisation, under FSDP2, TP, SP and PP (``fused_kd_forward.py``). At ``kd_ratio: 0`` KD is
-      not computed (``kd_loss`` is logged as 0, as ``ce_loss`` is at ``kd_ratio: 1``) and, without PP, the
-      teacher does not run.
+      not computed (``kd_loss`` is logged as 0, as ``ce_loss`` is at ``kd_ratio: 1``) and, without PP and
+      without ``hidden_kd``, the teacher does not run.
     - Hidden-state KD (``hidden_kd.weight > 0``, ``hidden_kd.py``): ``weight * H`` added to the loss, each student
       layer's term entering the backward at that layer (under PP, in its own stage); ``hidden_loss`` logged in
       ``training.jsonl``, ``validation.jsonl`` and on the console, and ``loss`` / ``val_loss`` include the term.
@@ -87,12 +86,19 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         """Hooks for ``hidden_kd`` on both models' decoder layers (all of them, or this rank's pipeline stages)."""
         weight, kind, layers = hidden_kd.settings(self.cfg)
         teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
-        depths = [_depth(parts[0]) for parts in (self.model_parts, teacher_parts)]
-        tp = self.device_mesh["tp"] if self.device_mesh is not None and "tp" in self.device_mesh.mesh_dim_names else None
+        configs = [parts[0].config.get_text_config() for parts in (self.model_parts, teacher_parts)]
+        widths = [config.hidden_size for config in configs]
+        if widths[0] != widths[1]:  # preflight checks this on disk; hub ids are known only now
+            raise hidden_kd.HiddenKDError(
+                f"hidden_kd: the student's hidden_size is {widths[0]} and the teacher's {widths[1]}; hidden-state KD "
+                "compares them channel by channel: set hidden_kd.weight=0 or use a teacher of the student's width")
+        depths = [config.num_hidden_layers for config in configs]
+        mesh = self.device_mesh
+        tp = mesh["tp"] if mesh is not None and "tp" in mesh.mesh_dim_names else None
         self.hidden_kd = hidden_kd.HiddenStateKD(
             self.model_parts, teacher_parts, weight, kind, hidden_kd.layer_pairs(layers, *depths),
             tp_group=tp.get_group() if tp is not None and tp.size() > 1 else None,
-            pp_group=self.device_mesh["pp"].get_group() if self.pp_enabled else None)
+            pp_group=mesh["pp"].get_group() if self.pp_enabled else None)
         if self.pp_enabled:
             self.hidden_kd.pause_during_shape_inference([*self.pp.info.stages, *self.teacher_pp.info.stages])
 
@@ -332,15 +338,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         )
 
 
-def _depth(model: nn.Module) -> int:
-    """The number of decoder layers in ``model``'s config (its text model's, for a multimodal one)."""
-    return model.config.get_text_config().num_hidden_layers
-
-
 def _inferring_gradient_shapes(schedule) -> bool:
     """True while torch's schedule calls the loss to infer gradient shapes (training mode only)."""
     # torch 2.13 keeps this flag on single-stage schedules and its plural on multi-stage ones.
-    initialized = getattr(schedule, "_stage_backward_initialized", getattr(schedule, "_stages_backward_initialized", True))
+    initialized = getattr(schedule, "_stage_backward_initialized",
+                          getattr(schedule, "_stages_backward_initialized", True))
     return schedule._has_backward and not initialized
 
 

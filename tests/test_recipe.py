@@ -39,6 +39,9 @@ RUNS = {
                                   "step_scheduler.local_batch_size=4"]),
     "pp2": (2, ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2",
                 "step_scheduler.local_batch_size=4"]),
+    "pp2_activation_checkpointing": (2, ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2",
+                                         "step_scheduler.local_batch_size=4",
+                                         "distributed.activation_checkpointing=true"]),
 }
 
 

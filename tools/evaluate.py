@@ -222,11 +222,11 @@ def tokenize(rows: list[tuple[int, dict]], tokenizer, fields: tuple[str, ...],
     shifted and -100 where nothing is scored. Rows with no token to score (one token; an answer cut off by
     ``seq_length``) are left out, where AutoModel's dataset would score the next row in their place.
     Raises :class:`EvaluateError` when no row is left."""
-    from nemo_automodel.components.datasets.llm.formatting_utils import format_prompt_completion
+    from nemo_automodel.components.datasets.llm.formatting_utils import _add_pad_token, format_prompt_completion
 
     eos = getattr(tokenizer, "eos_token_id", None)
-    # Any id will do: padded positions are masked out of attention and labels.
-    pad = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
+    # The pad id ColumnMappedTextInstructionDataset uses (it decides where the attention mask ends).
+    pad = _add_pad_token(tokenizer) or eos
     examples = []
     for number, row in rows:
         if len(fields) == 2:
@@ -281,14 +281,14 @@ def _ce_sum(model, examples: list[dict], batch_size: int, device) -> tuple[float
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            # default_collater pops the pad ids from its first example: hand it copies.
-            batch = default_collater([dict(e) for e in examples[start:start + batch_size]])
+            batch = default_collater(examples[start:start + batch_size])
             labels = batch["labels"].to(device)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                     reduction="none").double().sum().item()
-            count += int((labels != -100).sum())
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            scored = labels != -100
+            # Only scored positions are upcast: fp32 logits of every position can outweigh the model.
+            logits = getattr(output, "logits", output)[scored].float()
+            total += F.cross_entropy(logits, labels[scored], reduction="none").double().sum().item()
+            count += int(scored.sum())
     return total, count
 
 
@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluateError as e:
         import run
 
-        run.report_error(f"evaluate: error: {e}")  # also where torchrun's failure summary looks
+        if rank == 0:  # every rank raises the same error
+            run.report_error(f"evaluate: error: {e}")  # also where torchrun's failure summary looks
         return 2
     finally:
         if dist.is_initialized():

@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default="curves.png", metavar="FILE.png",
                         help="the picture to write (default: curves.png)")
     args = parser.parse_args(argv)
-    runs = [load_run(directory, name) for directory, name in zip(args.dirs, run_names(args.dirs))]
     out = Path(args.out)
+    if not out.parent.is_dir():
+        raise PlotError(f"--out {out}: the folder {out.parent} does not exist; create it or pass another path")
+    runs = [load_run(directory, name) for directory, name in zip(args.dirs, run_names(args.dirs))]
     figure(runs).savefig(out, dpi=100)
     for run in runs:
         print(describe(run))
