@@ -38,7 +38,7 @@ GPT_OSS_RUNS = {
 # The dense descriptors share Llama's code paths (tp_plan.py, AutoModel's pipeline split); a data-parallel
 # run, one with every split of a layer (TP + SP) and one pipeline run each show their models take them.
 DENSE_RUNS = {"single_process": ("kd", 1, []), "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"]),
-              "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP)}
+              "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP), "pretrain_pp2": ("pretrain", 2, PP)}
 
 
 def train(ckpts, arch, out_dir, mode, nproc, extra):
@@ -98,6 +98,15 @@ def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
 def test_dense_descriptors_kd_matches_one_process_under_fsdp2_tp_sp_and_pp(dense_runs, arch, name):
     runs = dense_runs[arch]
     assert_same_training(runs[name], runs["single_process"], HIDDEN_KD_KEYS, STEPS)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral_small"])
+def test_dense_descriptors_pretrain_under_pipeline_parallelism_starts_at_the_kd_runs_cross_entropy(dense_runs, arch):
+    """Same student, first batch and weights: ``--mode pretrain``'s step-0 loss is the KD run's step-0 CE."""
+    pretrain, kd = dense_runs[arch]["pretrain_pp2"][0], dense_runs[arch]["single_process"][0]
+    assert [r["step"] for r in pretrain] == list(range(STEPS))
+    assert pretrain[0]["loss"] == pytest.approx(kd[0]["ce_loss"], rel=1e-4)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in pretrain)
 
 
 def test_gpt_oss_pretrain_under_pipeline_parallelism_matches_one_process(runs):

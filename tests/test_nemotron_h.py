@@ -38,6 +38,7 @@ RUNS = {
     "nemotron_h/tp2_sequence_parallel": ("nemotron_h", "kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
     "nemotron_h/pp2": ("nemotron_h", "kd", 2, PP),
     "nemotron_h/bf16_fsdp2_dp2": ("nemotron_h", "kd", 2, ["step_scheduler.local_batch_size=2", *BF16]),
+    "nemotron_h/pretrain_pp2": ("nemotron_h", "pretrain", 2, PP),
     "nemotron_h_v2/single_process": ("nemotron_h_v2", "kd", 1, []),
     "nemotron_h_v2/fsdp2_dp2": ("nemotron_h_v2", "kd", 2, ["step_scheduler.local_batch_size=2"]),
     "nemotron_h_v2/tp2_sequence_parallel": ("nemotron_h_v2", "kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
@@ -87,6 +88,13 @@ def test_nemotron_h_kd_matches_one_process_in_every_parallelism(runs, name):
 def test_nemotron_h_v2_pretrain_under_pipeline_parallelism_matches_one_process(runs):
     assert_same_training(runs["nemotron_h_v2/pretrain_pp2"], runs["nemotron_h_v2/pretrain_single_process"],
                          ("loss", "grad_norm"), STEPS)
+
+
+def test_nemotron_h_pretrain_under_pipeline_parallelism_starts_at_the_kd_runs_cross_entropy(runs):
+    """Same student, first batch and weights: ``--mode pretrain``'s step-0 loss is the KD run's step-0 CE."""
+    pretrain, kd = runs["nemotron_h/pretrain_pp2"][0], runs["nemotron_h/single_process"][0]
+    assert [r["step"] for r in pretrain] == list(range(STEPS))
+    assert pretrain[0]["loss"] == pytest.approx(kd[0]["ce_loss"], rel=1e-4)
 
 
 def test_nemotron_h_trains_in_bf16_with_finite_losses_that_are_not_the_fp32_ones(runs):

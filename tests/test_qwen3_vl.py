@@ -19,18 +19,19 @@ from conftest import FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors
 from tools.build_checkpoints import build, qwen3_vl_block_configs, write_squad_like_data
 
 STEPS = 4
-# name: (processes, overrides); all with global batch 4, local batch 4 unless dp=2.
+# name: (mode, processes, overrides); all with global batch 4, local batch 4 unless dp=2.
 RUNS = {
-    "single_process": (1, ["checkpoint.save_consolidated=final"]),
-    "fsdp2_dp2": (2, ["step_scheduler.local_batch_size=2"]),
-    "tp2_sequence_parallel": (2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
+    "single_process": ("kd", 1, ["checkpoint.save_consolidated=final"]),
+    "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"]),
+    "tp2_sequence_parallel": ("kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
+    "pretrain_fsdp2_dp2": ("pretrain", 2, ["step_scheduler.local_batch_size=2"]),
 }
 
 
-def overrides(ckpts, out_dir, *extra):
-    return [*tiny_overrides(ckpts, "qwen3_vl", out_dir, steps=STEPS), "teacher_model.anymodel_descriptor=qwen3_vl",
-            *FP32_COMPUTE, "optimizer.lr=1e-3", "step_scheduler.local_batch_size=4",
-            "step_scheduler.ckpt_every_steps=100", *HIDDEN_KD, *extra]
+def overrides(ckpts, out_dir, *extra, mode="kd"):
+    kd = ["teacher_model.anymodel_descriptor=qwen3_vl", *HIDDEN_KD] if mode == "kd" else []
+    return [*tiny_overrides(ckpts, "qwen3_vl", out_dir, steps=STEPS, teacher=mode == "kd"), *kd, *FP32_COMPUTE,
+            "optimizer.lr=1e-3", "step_scheduler.local_batch_size=4", "step_scheduler.ckpt_every_steps=100", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def ckpts(tmp_path_factory):
 def runs(ckpts, tmp_path_factory):
     """``{name: (training rows, validation rows, checkpoint_dir)}`` for every entry of RUNS."""
     out = {}
-    for name, (nproc, extra) in RUNS.items():
+    for name, (mode, nproc, extra) in RUNS.items():
         out_dir = tmp_path_factory.mktemp(f"qwen3_vl_{name}")
-        result = torchrun(["-m", "run", "--mode", "kd", *overrides(ckpts, out_dir, *extra)], nproc=nproc)
+        result = torchrun(["-m", "run", "--mode", mode, *overrides(ckpts, out_dir, *extra, mode=mode)], nproc=nproc)
         assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
         out[name] = (read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl"), out_dir)
     return out
@@ -60,6 +61,14 @@ def test_kd_matches_one_process_under_fsdp2_and_tp_with_sequence_parallelism(run
             assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
     assert got_val and [v["val_loss"] for v in got_val] == pytest.approx([v["val_loss"] for v in ref_val], rel=1e-4)
     assert ref_train[0]["kd_loss"] > 0 and ref_train[-1]["loss"] < ref_train[0]["loss"]  # a real KD run that learns
+
+
+def test_pretrain_under_fsdp2_starts_at_the_kd_runs_cross_entropy(runs):
+    """Same student, first batch and weights: ``--mode pretrain``'s step-0 loss is the KD run's step-0 CE."""
+    pretrain, kd = runs["pretrain_fsdp2_dp2"][0], runs["single_process"][0]
+    assert [r["step"] for r in pretrain] == list(range(STEPS))
+    assert pretrain[0]["loss"] == pytest.approx(kd[0]["ce_loss"], rel=1e-4)
+    assert pretrain[-1]["loss"] < pretrain[0]["loss"]  # lr 1e-3: it learns
 
 
 def test_tensor_parallelism_splits_heads_and_whole_experts_layer_by_layer(ckpts, tmp_path):
