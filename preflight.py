@@ -153,11 +153,27 @@ def check_parallel_sizes(cfg, world_size: int) -> None:
             f"tp_size * pp_size * cp_size = {sizes['tp_size']} * {sizes['pp_size']} * {sizes['cp_size']} = "
             f"{model_parallel} does not divide the {world_size} processes; launch a multiple of {model_parallel} "
             "processes (torchrun --nproc_per_node) or lower the sizes")
+    if sizes["pp_size"] > 1:
+        check_pipeline_microbatches(cfg, sizes["pp_size"])
     dp_size = cfg.get("distributed.dp_size", None)
     if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size * model_parallel != world_size:
         raise PreflightError(
             f"distributed.dp_size={dp_size} times tp*pp*cp={model_parallel} is not the {world_size} processes; "
             "set distributed.dp_size=none to infer it")
+
+
+def check_pipeline_microbatches(cfg, pp_size: int) -> None:
+    """Under PP the local batch splits into whole microbatches, at least one per stage (AutoModel asserts this
+    after the process group is up)."""
+    local = cfg.get("step_scheduler.local_batch_size", 1)
+    micro = cfg.get("distributed.pipeline.pp_microbatch_size", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (local, micro)):
+        return  # check_numbers names those
+    if local % micro or local // micro < pp_size:
+        raise PreflightError(
+            f"step_scheduler.local_batch_size={local} must split into whole microbatches of "
+            f"distributed.pipeline.pp_microbatch_size={micro}, at least distributed.pp_size={pp_size} of them: "
+            f"set local_batch_size to a multiple of {micro} that is >= {micro * pp_size}, or lower pp_microbatch_size")
 
 
 def read_checkpoint(cfg, section: str, needs_tokenizer: bool) -> Checkpoint:

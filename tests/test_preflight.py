@@ -180,7 +180,12 @@ def test_bad_kd_settings(ckpts, tmp_path, override, message):
     (["distributed.tp_size=0"], 2, "distributed.tp_size=0 must be an integer >= 1"),
     (["distributed.dp_size=4"], 2, "distributed.dp_size=4 times tp*pp*cp=1 is not the 2 processes; "
                                    "set distributed.dp_size=none to infer it"),
-    (["distributed.pp_size=8"], 8, "distributed.pp_size=8 is more than model's 4 layers; set distributed.pp_size <= 4"),
+    (["distributed.pp_size=8", "step_scheduler.local_batch_size=8"], 8,
+     "distributed.pp_size=8 is more than model's 4 layers; set distributed.pp_size <= 4"),
+    (["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"], 2,
+     "step_scheduler.local_batch_size=2 must split into whole microbatches of distributed.pipeline.pp_microbatch_size=2, "
+     "at least distributed.pp_size=2 of them: set local_batch_size to a multiple of 2 that is >= 4, or lower "
+     "pp_microbatch_size"),
     (["distributed.tp_size=8"], 8, "distributed.tp_size=8 does not divide teacher_model's num_attention_heads=4; "
                                    "pick a tp_size that divides 4"),
     (["distributed.ep_size=2"], 2, "distributed.ep_size=2 is not supported (no MoE expert parallelism in this "

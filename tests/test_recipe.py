@@ -22,7 +22,8 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import flops
-from conftest import FP32_COMPUTE, REPO, checkpoint_tensors, free_port, read_jsonl, tiny_overrides, torchrun
+from conftest import (FP32_COMPUTE, REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl,
+                      tiny_overrides, torchrun)
 from tools.build_checkpoints import TINY
 
 STEPS = 5
@@ -264,3 +265,11 @@ def test_hidden_state_kd_from_the_students_own_checkpoint_is_zero(ckpts, tmp_pat
     assert train[0]["kd_loss"] == pytest.approx(0.0, abs=1e-6)
     # Training moves the student away from its frozen copy.
     assert train[-1]["hidden_loss"] > 0 and val[-1]["hidden_loss"] > 0
+
+
+def test_fsdp2_and_tp_together_on_four_ranks_match_one_process(runs, ckpts, tmp_path):
+    """dp=2 x TP=2: FSDP2 shards what TP split, the LM head the fused loss reads included."""
+    got = kd_run(ckpts, tmp_path / "dp2_tp2", 4, ["distributed.tp_size=2", "step_scheduler.local_batch_size=2",
+                                                  *HIDDEN_KD])
+    train, val, _ = runs["single_process"]
+    assert_same_training(got, (train, val), ("loss", "ce_loss", "kd_loss", "hidden_loss", "grad_norm"), STEPS)
