@@ -91,12 +91,16 @@ def check_config(cfg, student: Checkpoint, teacher: Checkpoint) -> None:
     if student.config is None or teacher.config is None:
         return  # hub ids: checked against the built models at setup
     depths = (_depth_on_disk(student), _depth_on_disk(teacher))
-    widths = (student.get("hidden_size"), teacher.get("hidden_size"))
-    if widths[0] != widths[1]:
-        raise HiddenKDError(f"hidden_kd: the student's hidden_size is {widths[0]} and the teacher's {widths[1]}; "
-                            "hidden-state KD compares them channel by channel (no projection is learned): "
-                            "set hidden_kd.weight=0 or use a teacher of the student's width")
+    check_widths(student.get("hidden_size"), teacher.get("hidden_size"))
     layer_pairs(layers, *depths)
+
+
+def check_widths(student_width: int, teacher_width: int) -> None:
+    """:class:`HiddenKDError` unless both models have the same ``hidden_size`` (no projection is learned)."""
+    if student_width != teacher_width:
+        raise HiddenKDError(f"hidden_kd: the student's hidden_size is {student_width} and the teacher's "
+                            f"{teacher_width}; hidden-state KD compares them channel by channel (no projection is "
+                            "learned): set hidden_kd.weight=0 or use a teacher of the student's width")
 
 
 def _depth_on_disk(ckpt: Checkpoint) -> int:

@@ -87,11 +87,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         weight, kind, layers = hidden_kd.settings(self.cfg)
         teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
         configs = [parts[0].config.get_text_config() for parts in (self.model_parts, teacher_parts)]
-        widths = [config.hidden_size for config in configs]
-        if widths[0] != widths[1]:  # preflight checks this on disk; hub ids are known only now
-            raise hidden_kd.HiddenKDError(
-                f"hidden_kd: the student's hidden_size is {widths[0]} and the teacher's {widths[1]}; hidden-state KD "
-                "compares them channel by channel: set hidden_kd.weight=0 or use a teacher of the student's width")
+        hidden_kd.check_widths(*(config.hidden_size for config in configs))  # preflight could not, for hub ids
         depths = [config.num_hidden_layers for config in configs]
         mesh = self.device_mesh
         tp = mesh["tp"] if mesh is not None and "tp" in mesh.mesh_dim_names else None

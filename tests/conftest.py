@@ -94,6 +94,16 @@ def patched():
     patch_automodel.remove_patch()
 
 
+@pytest.fixture(scope="module")
+def unpatch_automodel_after_module():
+    """For modules whose code under test patches AutoModel as ``run.py`` does (``tools.evaluate``): later test
+    modules expect it unpatched."""
+    yield
+    import patch_automodel
+
+    patch_automodel.remove_patch()
+
+
 def assert_same_training(got, ref, keys, steps: int, rel: float = 1e-4):
     """Two runs' ``(training rows, validation rows)`` agree: every step's ``keys`` and every validation loss."""
     (got_train, got_val), (ref_train, ref_val) = got, ref

@@ -5,17 +5,11 @@ import json
 import pytest
 import torch
 
-import patch_automodel
 from conftest import checkpoint_tensors, read_jsonl
 from tools import demo
 from tools.prune_student import prune
 
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_automodel():
-    """``tools.evaluate`` patches AutoModel as ``run.py`` does; later test modules expect it unpatched."""
-    yield
-    patch_automodel.remove_patch()
+pytestmark = pytest.mark.usefixtures("unpatch_automodel_after_module")
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import patch_automodel
 from conftest import torchrun
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
 from tools.build_checkpoints import english_corpus
 from tools import evaluate as evaluate_module
 from tools.evaluate import EvaluateError, add_gaps, evaluate, table
 
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_automodel():
-    """``evaluate`` patches AutoModel as ``run.py`` does; later test modules expect it unpatched."""
-    yield
-    patch_automodel.remove_patch()
+pytestmark = pytest.mark.usefixtures("unpatch_automodel_after_module")
 
 
 @pytest.fixture(scope="module")
