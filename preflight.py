@@ -414,6 +414,11 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     problem = qwen3_vl.parallelism_problem(ckpt.section, ckpt.config.get("model_type"), pp_size)
     if problem is not None:
         raise PreflightError(problem)
+    if pp_size > 1 and ckpt.section == "model" and _ties_word_embeddings(ckpt):
+        raise PreflightError(
+            f"distributed.pp_size={pp_size} with a model whose tie_word_embeddings is true ({ckpt.path}): AutoModel "
+            "0.7.0 keeps the first stage's embedding and the last stage's LM head as two copies that would train "
+            "apart; train this model with FSDP2 and/or TP (distributed.pp_size=1)")
     layers = ckpt.get("num_hidden_layers")
     if layers is not None and pp_size > layers:
         raise PreflightError(f"distributed.pp_size={pp_size} is more than {ckpt.section}'s {layers} layers; "
@@ -464,6 +469,17 @@ def _is_numeric_string(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _ties_word_embeddings(ckpt: Checkpoint) -> bool:
+    """``tie_word_embeddings`` of the checkpoint, or of its model type's config class where the file leaves it out."""
+    tied = ckpt.get("tie_word_embeddings")
+    if tied is None:
+        from transformers import CONFIG_MAPPING
+
+        config_class = CONFIG_MAPPING.get(ckpt.config.get("model_type"), None)
+        tied = config_class is not None and config_class().get_text_config().tie_word_embeddings
+    return bool(tied)
 
 
 def _size(cfg, name: str) -> int:

@@ -19,7 +19,8 @@ GPT-OSS (201,088) at long context. Each row of data is one sequence of exactly `
 the CUDA allocator peak on a GPU, the process's peak RSS on a CPU (rank 0; it includes the weights and
 the Python runtime, about 1 GB here). Step time is the median over the steps after the first.
 A cell whose peak, extrapolated linearly from the two shorter sequences, would exceed ``--budget-gb``
-is not run ("over budget"); with ``--longest`` each path's sequence length keeps doubling past the grid
+(per rank; on a CPU at most the machine's memory over the ranks, which share it) is not run ("over budget");
+a run the OS kills for memory says so; with ``--longest`` each path's sequence length keeps doubling past the grid
 until that happens, which gives the longest sequence each path fits in the budget.
 """
 
@@ -90,6 +91,8 @@ def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     log = out / "training.jsonl"
+    if "SIGKILL" in result.stderr or "exitcode  : -9" in result.stderr:
+        return {"error": "killed by the OS: out of memory"}
     if result.returncode != 0 or not log.exists():
         errors = [line.split("]:")[-1].strip() for line in result.stderr.splitlines()
                   if "Error" in line and not any(noise in line for noise in NOISE)]
@@ -144,6 +147,7 @@ def main():
             student, teacher = build_pair(tmp / f"v{vocab}", vocab)
             for procs in args.procs:
                 measured = {p: {} for p in args.paths}
+                budget = args.budget_gb if _has_cuda() else min(args.budget_gb, _ram_gb() / procs)
                 seqs = sorted(args.seq)
                 while seqs:
                     seq = seqs.pop(0)
@@ -151,7 +155,7 @@ def main():
                         guess = predicted_peak(measured[path_name], seq)
                         if any("over" in m for m in measured[path_name].values()):
                             continue
-                        if guess is not None and guess > args.budget_gb:
+                        if guess is not None and guess > budget:
                             measured[path_name][seq] = {"over": guess}
                         else:
                             out = tmp / f"{vocab}-{procs}-{seq}-{path_name}"
@@ -162,13 +166,14 @@ def main():
                             "peak_gb" in m.get(seq, {}) for m in measured.values()):
                         seqs.append(seq * 2)
                 for path_name, cells in measured.items():
-                    fits = [s for s, m in cells.items() if "peak_gb" in m and m["peak_gb"] <= args.budget_gb]
-                    longest.append((procs, vocab, path_name, max(fits, default=0)))
-    lines += ["", f"Longest sequence measured within {args.budget_gb:g} GB:", "",
-              "| ranks | vocab | path | tokens | vs automodel |", "|---|---|---|---|---|"]
-    for procs, vocab, path_name, seq in longest:
-        base = next((s for p, v, n, s in longest if (p, v, n) == (procs, vocab, "automodel")), 0)
-        lines.append(f"| {procs} | {vocab} | {path_name} | {seq} | {f'{seq / base:.1f}x' if base else ''} |")
+                    fits = [s for s, m in cells.items() if "peak_gb" in m and m["peak_gb"] <= budget]
+                    longest.append((procs, vocab, path_name, max(fits, default=0), budget))
+    lines += ["", "Longest sequence measured within the budget (per rank):", "",
+              "| ranks | vocab | budget (GB) | path | tokens | vs automodel |", "|---|---|---|---|---|---|"]
+    for procs, vocab, path_name, seq, budget in longest:
+        base = next((s for p, v, n, s, _ in longest if (p, v, n) == (procs, vocab, "automodel")), 0)
+        lines.append(f"| {procs} | {vocab} | {budget:.1f} | {path_name} | {seq} | "
+                     f"{f'{seq / base:.1f}x' if base else ''} |")
     print("\n".join(lines[-len(longest) - 4:]), flush=True)
     if args.output:
         args.output.write_text("\n".join(lines) + "\n")
@@ -185,6 +190,10 @@ def _row(procs, vocab, seq, path_name, measured) -> str:
     ratios = [f"{cell[k] / base[k]:.2f}x" if k in base else "" for k in ("peak_gb", "step_s")]
     mfu = "n/a" if cell["mfu"] is None else f"{cell['mfu']:.1f}%"
     return f"{head} {cell['peak_gb']:.2f} | {cell['step_s']:.2f} | {mfu} | {ratios[0]} | {ratios[1]} |"
+
+
+def _ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 def _has_cuda() -> bool:

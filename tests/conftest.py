@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from modelopt.torch.puzzletron.anymodel.puzzformer import no_op  # noqa: E402
 from tools.build_checkpoints import build, write_squad_like_data  # noqa: E402
 
 
@@ -153,3 +154,26 @@ def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: boo
         f"step_scheduler.val_every_steps={steps}",
         f"checkpoint.checkpoint_dir={out_dir}",
     ]
+
+
+def assert_layer_follows_block_config(layer, block, config):
+    """Every field of ``block`` shows in the shapes (or the routing) of ``layer``."""
+    attention, ffn = block["attention"], block["ffn"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if attention.get("no_op"):
+        assert isinstance(layer.self_attn, no_op.MatchingZeros) or not hasattr(layer.self_attn, "q_proj")
+    else:
+        kv_heads = attention.get("num_key_value_heads", config.num_key_value_heads)
+        assert layer.self_attn.k_proj.out_features == layer.self_attn.v_proj.out_features == kv_heads * head_dim
+        assert layer.self_attn.q_proj.out_features == config.num_attention_heads * head_dim
+    if ffn.get("no_op"):
+        assert not hasattr(layer.mlp, "down_proj") and not hasattr(layer.mlp, "experts")
+    elif "moe" in ffn:
+        moe = ffn["moe"]
+        experts, width = moe["num_local_experts"], moe["expert_intermediate_dim"]
+        assert tuple(layer.mlp.router.weight.shape) == (experts, config.hidden_size)
+        assert layer.mlp.router.top_k == moe["num_experts_per_tok"]
+        assert tuple(layer.mlp.experts.gate_up_proj.shape) == (experts, config.hidden_size, 2 * width)
+        assert tuple(layer.mlp.experts.down_proj.shape) == (experts, width, config.hidden_size)
+    else:
+        assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]

@@ -7,7 +7,7 @@ import subprocess
 from conftest import REPO
 
 
-def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_and_the_loss(tmp_path):
+def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_the_loss_and_the_loss_stage(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": os.sys.executable}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
@@ -18,5 +18,13 @@ def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_and_the_loss(tmp_p
     for row in rows:
         peak, step = float(row[4]), float(row[5])
         assert peak > 0 and step > 0
-    assert "| 1 | 4096 | fused | 64 |" in (tmp_path / "kd_step.md").read_text()
+    longest = [[cell.strip() for cell in line.split("|")[1:-1]] for line in (tmp_path / "kd_step.md").read_text()
+               .splitlines() if line.startswith("| 1 | 4096 |") and line.count("|") == 7]  # the longest-sequence table
+    assert [row[3:5] for row in longest] == [["unfused", "64"], ["fused", "64"], ["automodel", "64"]]
     assert "ours" in (tmp_path / "kd_loss.md").read_text()
+    head = {row[2].strip(): row[3:5] for row in (line.split("|")[1:-1] for line in
+            (tmp_path / "fused_linear_loss.md").read_text().splitlines() if line.startswith("| 256 | 8000 |"))}
+    assert list(head) == ["logits_ours", "logits_automodel", "fused", "liger"]
+    for path in ("logits_ours", "logits_automodel", "fused"):
+        assert float(head[path][0]) > 0 and float(head[path][1]) > 0, head[path]
+    assert head["liger"][0].strip().startswith("not run")  # no CUDA GPU here

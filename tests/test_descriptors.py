@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import patch_automodel
-from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_same_training, read_jsonl, tiny_overrides,
-                      torchrun)
-from modelopt.torch.puzzletron.anymodel.puzzformer.no_op import MatchingZeros
+from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_layer_follows_block_config,
+                      assert_same_training, read_jsonl, tiny_overrides, torchrun)
 from nemo_automodel import NeMoAutoModelForCausalLM
 from tools.build_checkpoints import build
 
@@ -151,29 +150,6 @@ def test_gpt_oss_tensor_parallelism_splits_heads_sinks_and_expert_channels_per_l
         for i in range(4):  # the homogeneous teacher splits every layer
             assert teacher["tp"][layer.format(i) + "self_attn.sinks"] == ["S(0)", [2]]
             assert teacher["tp"][layer.format(i) + "mlp.experts.down_proj"] == ["S(1)", [4, 32, 64]]
-
-
-def assert_layer_follows_block_config(layer, block, config):
-    """Every field of ``block`` shows in the shapes (or the routing) of ``layer``."""
-    attention, ffn = block["attention"], block["ffn"]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if attention.get("no_op"):
-        assert isinstance(layer.self_attn, MatchingZeros) or not hasattr(layer.self_attn, "q_proj")
-    else:
-        kv_heads = attention.get("num_key_value_heads", config.num_key_value_heads)
-        assert layer.self_attn.k_proj.out_features == layer.self_attn.v_proj.out_features == kv_heads * head_dim
-        assert layer.self_attn.q_proj.out_features == config.num_attention_heads * head_dim
-    if ffn.get("no_op"):
-        assert not hasattr(layer.mlp, "down_proj") and not hasattr(layer.mlp, "experts")
-    elif "moe" in ffn:
-        moe = ffn["moe"]
-        experts, width = moe["num_local_experts"], moe["expert_intermediate_dim"]
-        assert tuple(layer.mlp.router.weight.shape) == (experts, config.hidden_size)
-        assert layer.mlp.router.top_k == moe["num_experts_per_tok"]
-        assert tuple(layer.mlp.experts.gate_up_proj.shape) == (experts, config.hidden_size, 2 * width)
-        assert tuple(layer.mlp.experts.down_proj.shape) == (experts, width, config.hidden_size)
-    else:
-        assert layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == ffn["intermediate_size"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral_small", "gpt_oss"])

@@ -28,9 +28,7 @@ ARCHS = ("nemotron_h", "nemotron_h_v2")
 STEPS = 4
 PP = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"]
 BF16 = ["model.torch_dtype=bfloat16", "teacher_model.torch_dtype=bfloat16", "distributed.mp_policy.param_dtype=bfloat16"]
-# name: (arch, mode, processes, overrides); global batch 4, local batch 4 unless dp=2. One run per cell, within the
-# time budget: nemotron_h_v2's plain TP=2 is left out (its path is covered by its TP=2 + SP run and by the layout test;
-# it matched one process to 4.5e-6 when run by hand on 2026-11-27).
+# name: (arch, mode, processes, overrides); global batch 4, local batch 4 unless dp=2.
 RUNS = {
     "nemotron_h/single_process": ("nemotron_h", "kd", 1, []),
     "nemotron_h/fsdp2_dp2": ("nemotron_h", "kd", 2, ["step_scheduler.local_batch_size=2"]),
@@ -41,8 +39,10 @@ RUNS = {
     "nemotron_h/pretrain_pp2": ("nemotron_h", "pretrain", 2, PP),
     "nemotron_h_v2/single_process": ("nemotron_h_v2", "kd", 1, []),
     "nemotron_h_v2/fsdp2_dp2": ("nemotron_h_v2", "kd", 2, ["step_scheduler.local_batch_size=2"]),
+    "nemotron_h_v2/tp2": ("nemotron_h_v2", "kd", 2, ["distributed.tp_size=2"]),
     "nemotron_h_v2/tp2_sequence_parallel": ("nemotron_h_v2", "kd", 2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
     "nemotron_h_v2/pp2": ("nemotron_h_v2", "kd", 2, PP),
+    "nemotron_h_v2/bf16_fsdp2_dp2": ("nemotron_h_v2", "kd", 2, ["step_scheduler.local_batch_size=2", *BF16]),
     "nemotron_h_v2/pretrain_single_process": ("nemotron_h_v2", "pretrain", 1, []),
     "nemotron_h_v2/pretrain_pp2": ("nemotron_h_v2", "pretrain", 2, PP),
 }
@@ -97,8 +97,9 @@ def test_nemotron_h_pretrain_under_pipeline_parallelism_starts_at_the_kd_runs_cr
     assert pretrain[0]["loss"] == pytest.approx(kd[0]["ce_loss"], rel=1e-4)
 
 
-def test_nemotron_h_trains_in_bf16_with_finite_losses_that_are_not_the_fp32_ones(runs):
-    bf16, fp32 = runs["nemotron_h/bf16_fsdp2_dp2"], runs["nemotron_h/single_process"]
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nemotron_h_trains_in_bf16_with_finite_losses_that_are_not_the_fp32_ones(runs, arch):
+    bf16, fp32 = runs[f"{arch}/bf16_fsdp2_dp2"], runs[f"{arch}/single_process"]
     rows = [*bf16[0], *bf16[1]]
     assert [r["step"] for r in bf16[0]] == list(range(STEPS))
     assert all(torch.isfinite(torch.tensor(r[k])) for r in rows for k in ("loss", "ce_loss", "kd_loss") if k in r)

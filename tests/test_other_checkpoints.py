@@ -1,0 +1,131 @@
+"""Checkpoints of other sizes and other per-layer choices than ``tools/build_checkpoints.py``'s distill the
+same under TP + SP and PP as in one process, and build the layers their block configs ask for.
+
+Built here, straight with transformers and ModelOpt (``deci_x_patcher``, ``save_checkpoint``): 6 layers, hidden
+96, 6 heads of 16, a 384-token tokenizer. Per layer the students take choices the tools' builder never makes:
+3 KV heads (which do not split over 2 TP ranks), a layer with neither attention nor FFN; Qwen3 also a layer with
+attention and no FFN, FFN widths of 37 and 100, and tied embeddings (so no PP: preflight refuses it, as
+AutoModel's pipeline split cannot keep the tie); GPT-OSS also 6 experts cut to 5 and 4, top-k 3, expert widths
+24, 40 and 56, and a sliding window of 8 on layers 0, 2 and 3.
+"""
+
+import json
+
+import pytest
+import torch
+
+import preflight
+import run
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_layer_follows_block_config,
+                      assert_same_training, read_jsonl, tiny_overrides, torchrun)
+from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
+from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
+from nemo_automodel import NeMoAutoModelForCausalLM
+from patch_automodel import build_descriptor
+from tools.build_checkpoints import build_tokenizer, write_squad_like_data
+
+STEPS = 3
+SHAPE = dict(hidden_size=96, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, head_dim=16,
+             max_position_embeddings=256)
+CONFIGS = {
+    "qwen3": dict(intermediate_size=160, tie_word_embeddings=True),
+    "gpt_oss": dict(intermediate_size=80, tie_word_embeddings=False, num_local_experts=6, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                 "full_attention", "full_attention"]),
+}
+NO_OP = {"no_op": True}
+
+
+def attention(kv_heads):
+    return {"no_op": False, "num_key_value_heads": kv_heads}
+
+
+def moe(experts, top_k, width):
+    return {"no_op": False, "moe": {"num_local_experts": experts, "num_experts_per_tok": top_k,
+                                    "expert_intermediate_dim": width}}
+
+
+def mlp(width):
+    return {"no_op": False, "intermediate_size": width}
+
+
+BLOCKS = {
+    "qwen3": [(attention(3), mlp(100)), (NO_OP, mlp(160)), (attention(6), NO_OP), (attention(1), mlp(37)),
+              (NO_OP, NO_OP), (attention(2), mlp(160))],
+    "gpt_oss": [(attention(3), moe(6, 2, 40)), (NO_OP, moe(4, 3, 80)), (attention(6), moe(5, 1, 24)),
+                (attention(1), moe(6, 2, 56)), (NO_OP, NO_OP), (attention(2), moe(4, 2, 40))],
+}
+PP = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=2"]
+RUNS = {"single_process": (1, []),
+        "tp2_sequence_parallel": (2, ["distributed.tp_size=2", "distributed.sequence_parallel=true"]),
+        "pp2": (2, PP)}
+PARITY = [("qwen3", "tp2_sequence_parallel"), ("gpt_oss", "tp2_sequence_parallel"), ("gpt_oss", "pp2")]
+
+
+def build_pair(out, arch):
+    tokenizer = build_tokenizer(vocab_size=384)
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **SHAPE, **CONFIGS[arch])
+    torch.manual_seed(10)
+    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(out / "teacher")
+    blocks = [{"attention": a, "ffn": f} for a, f in BLOCKS[arch]]
+    descriptor = build_descriptor(ModelDescriptorFactory.get(arch))
+    torch.manual_seed(11)
+    with deci_x_patcher(descriptor, blocks):
+        student = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    student.config.block_configs = blocks
+    save_checkpoint(student, out / "student", descriptor)
+    for role in ("teacher", "student"):
+        tokenizer.save_pretrained(out / role)
+    return {"teacher": out / "teacher", "student": out / "student"}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other_checkpoints")
+    return {**{arch: build_pair(root / arch, arch) for arch in BLOCKS}, "data": write_squad_like_data(root / "data")}
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts, tmp_path_factory):
+    """``{(arch, name): (training rows, validation rows)}``: KD with hidden-state KD on every layer."""
+    out = {}
+    for arch, name in [(arch, "single_process") for arch in BLOCKS] + PARITY:
+        nproc, extra = RUNS[name]
+        out_dir = tmp_path_factory.mktemp(f"{arch}_{name}")
+        args = [*tiny_overrides(ckpts, arch, out_dir, steps=STEPS), *FP32_COMPUTE, *HIDDEN_KD,
+                "step_scheduler.local_batch_size=4", "step_scheduler.ckpt_every_steps=100", *extra]
+        result = torchrun(["-m", "run", "--mode", "kd", *args], nproc=nproc)
+        assert result.returncode == 0, f"{arch} {name}: {result.stderr[-4000:]}"
+        out[arch, name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+    return out
+
+
+@pytest.mark.parametrize("arch, name", PARITY)
+def test_other_checkpoints_distill_as_in_one_process(runs, arch, name):
+    assert_same_training(runs[arch, name], runs[arch, "single_process"], HIDDEN_KD_KEYS, STEPS)
+
+
+@pytest.mark.parametrize("mode", ["kd", "pretrain"])
+def test_pipeline_parallelism_with_tied_embeddings_is_refused_in_one_line_before_any_weights(ckpts, tmp_path, mode):
+    overrides = [*tiny_overrides(ckpts, "qwen3", tmp_path, teacher=mode == "kd"), *PP, "step_scheduler.local_batch_size=4"]
+    cfg = run.load_config(run.HERE / run.MODES[mode], [tuple(o.split("=", 1)) for o in overrides])
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.check(cfg, mode, world_size=2)
+    assert str(e.value) == (
+        f"distributed.pp_size=2 with a model whose tie_word_embeddings is true ({ckpts['qwen3']['student']}): "
+        "AutoModel 0.7.0 keeps the first stage's embedding and the last stage's LM head as two copies that would "
+        "train apart; train this model with FSDP2 and/or TP (distributed.pp_size=1)")
+
+
+@pytest.mark.parametrize("arch", list(BLOCKS))
+def test_other_checkpoints_build_every_layer_their_block_configs_ask_for(ckpts, arch, patched):
+    student = ckpts[arch]["student"]
+    model = NeMoAutoModelForCausalLM.from_pretrained(str(student), anymodel_descriptor=arch, torch_dtype=torch.float32)
+    blocks = json.loads((student / "config.json").read_text())["block_configs"]
+    for layer, block in zip(model.model.layers, blocks, strict=True):
+        assert_layer_follows_block_config(layer, block, model.config)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == CONFIGS[arch]["tie_word_embeddings"]
