@@ -80,6 +80,7 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
         check_kd_config(cfg)
     check_numbers(cfg)
     check_parallel_sizes(cfg, world_size)
+    check_packing(cfg)
 
     needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
     student = read_checkpoint(cfg, "model", needs_tokenizer=mode == "kd" or needs_student_tokenizer)
@@ -160,6 +161,25 @@ def check_parallel_sizes(cfg, world_size: int) -> None:
         raise PreflightError(
             f"distributed.dp_size={dp_size} times tp*pp*cp={model_parallel} is not the {world_size} processes; "
             "set distributed.dp_size=none to infer it")
+
+
+def check_packing(cfg) -> None:
+    """Packed sequences: AutoModel 0.7.0 packs them for Hugging Face models only through Flash Attention, and
+    only without context parallelism (``kernel_patches._apply_preload_overrides`` asserts both at model build)."""
+    size = cfg.get("packed_sequence.packed_sequence_size", 0) or 0
+    if size <= 0:
+        return
+    key = f"packed_sequence.packed_sequence_size={size}"
+    if _size(cfg, "cp_size") > 1:
+        raise PreflightError(f"{key} with distributed.cp_size={_size(cfg, 'cp_size')}: AutoModel 0.7.0 packs "
+                             "sequences only without context parallelism; set one of them back (packed_sequence_size=0 "
+                             "or distributed.cp_size=1)")
+    from nemo_automodel._transformers import kernel_patches
+
+    if not (kernel_patches.HAS_FA or kernel_patches.HAS_FA3 or kernel_patches.HAS_FA4):
+        raise PreflightError(f"{key}: AutoModel 0.7.0 packs sequences only through Flash Attention, which is not "
+                             "installed here (flash-attn needs a CUDA GPU); set packed_sequence.packed_sequence_size=0 "
+                             "or install flash-attn on a GPU machine")
 
 
 def check_pipeline_microbatches(cfg, pp_size: int) -> None:

@@ -197,6 +197,25 @@ def test_parallel_sizes_that_do_not_fit(ckpts, tmp_path, extra, world_size, mess
     assert message in error(ckpts, tmp_path, *extra, world_size=world_size)
 
 
+@pytest.mark.parametrize("mode", ["kd", "pretrain"])
+def test_packed_sequences_without_flash_attention_are_refused_naming_the_setting(ckpts, tmp_path, mode):
+    from nemo_automodel._transformers import kernel_patches
+
+    if kernel_patches.HAS_FA or kernel_patches.HAS_FA3 or kernel_patches.HAS_FA4:
+        pytest.skip("flash-attn is installed here: AutoModel packs through it")
+    assert error(ckpts, tmp_path, "packed_sequence.packed_sequence_size=256", mode=mode) == (
+        "packed_sequence.packed_sequence_size=256: AutoModel 0.7.0 packs sequences only through Flash Attention, "
+        "which is not installed here (flash-attn needs a CUDA GPU); set packed_sequence.packed_sequence_size=0 or "
+        "install flash-attn on a GPU machine")
+
+
+def test_packed_sequences_with_context_parallelism_are_refused(ckpts, tmp_path):
+    assert error(ckpts, tmp_path, "packed_sequence.packed_sequence_size=256", "distributed.cp_size=2",
+                 "fused_linear_loss=false", world_size=2).startswith(
+        "packed_sequence.packed_sequence_size=256 with distributed.cp_size=2: AutoModel 0.7.0 packs sequences only "
+        "without context parallelism")
+
+
 def test_plain_hf_student_needs_heads_divisible_by_tp(ckpts, tmp_path):
     teacher = ckpts["llama"]["teacher"]
     assert error(ckpts, tmp_path, f"model.pretrained_model_name_or_path={teacher}", "model.anymodel_descriptor=null",
