@@ -60,6 +60,13 @@ from torch import nn
 
 from loss import _AUTO_CHUNK_ELEMENTS, _KERNELS, DIVERGENCES, DTensor, _all_reduce, _shift_by_global_max
 
+# Fewest tokens per chunk when chunk_size is automatic. Unlike loss.py's chunks, each of these re-reads both
+# LM-head weights and adds into the whole weight gradient, so a chunk must be long enough for those weight-sized
+# passes not to dominate: on CPU at vocab 201,088 and hidden 128, the 5-token chunks of the element rule took
+# 3.5x as long as 64-token ones (benchmarks/fused_linear_loss.py); on a GPU, 256 tokens keep a bf16 projection
+# compute-bound (its FLOPs per weight byte grow with the chunk's tokens).
+_MIN_AUTO_CHUNK_TOKENS = {"cpu": 64, "accelerator": 256}
+
 
 class FusedLinearKDLoss(nn.Module):
     """``(1 - kd_ratio) * CE + kd_ratio * KD`` from hidden states and LM-head weights, chunked over tokens.
@@ -72,7 +79,8 @@ class FusedLinearKDLoss(nn.Module):
         beta: Teacher weight of the ``jsd`` mixture, in ``[0, 1]``.
         chunk_size: Tokens per chunk; the workspace is 2 (CE only) to 7 (JSD with CE, bf16 weights)
             buffers of ``[chunk_size, vocab/tp]``. ``None`` or 0 picks about 1M elements per buffer on
-            CPU, 16M on accelerators (loss.py's rule, with the widest shard under TP).
+            CPU, 16M on accelerators (loss.py's rule, with the widest shard under TP), but at least 64
+            tokens on CPU and 256 on accelerators (see ``_MIN_AUTO_CHUNK_TOKENS``).
         tp_group: Process group over which the vocabulary rows of both weights are sharded; None or a
             group of size 1 means whole weights.
 
@@ -196,7 +204,7 @@ class FusedLinearKDLoss(nn.Module):
                 divergence=divergence,
                 beta=beta,
                 temperature=self.temperature,
-                chunk_size=self.chunk_size or max(1, _AUTO_CHUNK_ELEMENTS[_device_kind(h_s)] // widest_shard),
+                chunk_size=self.chunk_size or _auto_chunk_size(_device_kind(h_s), widest_shard),
                 compute_dtype=compute_dtype,
                 group=group,
                 grad_hidden=grad_enabled and student_hidden.requires_grad,
@@ -214,6 +222,10 @@ def _check_pair(name, who, hidden, weight):
         )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{name}: {who} hidden states are {hidden.dtype} but the weight is {weight.dtype}")
+
+
+def _auto_chunk_size(kind: str, widest_shard: int) -> int:
+    return max(_MIN_AUTO_CHUNK_TOKENS[kind], _AUTO_CHUNK_ELEMENTS[kind] // widest_shard)
 
 
 def _device_kind(tensor):

@@ -153,7 +153,7 @@ def main():
                     seq = seqs.pop(0)
                     for path_name in args.paths:
                         guess = predicted_peak(measured[path_name], seq)
-                        if any("over" in m for m in measured[path_name].values()):
+                        if any("over" in m or "error" in m for m in measured[path_name].values()):
                             continue
                         if guess is not None and guess > budget:
                             measured[path_name][seq] = {"over": guess}
