@@ -169,9 +169,9 @@ def check_packing(cfg) -> None:
     size = cfg.get("packed_sequence.packed_sequence_size", 0) or 0
     if size <= 0:
         return
-    key = f"packed_sequence.packed_sequence_size={size}"
-    if _size(cfg, "cp_size") > 1:
-        raise PreflightError(f"{key} with distributed.cp_size={_size(cfg, 'cp_size')}: AutoModel 0.7.0 packs "
+    key, cp_size = f"packed_sequence.packed_sequence_size={size}", _size(cfg, "cp_size")
+    if cp_size > 1:
+        raise PreflightError(f"{key} with distributed.cp_size={cp_size}: AutoModel 0.7.0 packs "
                              "sequences only without context parallelism; set one of them back (packed_sequence_size=0 "
                              "or distributed.cp_size=1)")
     from nemo_automodel._transformers import kernel_patches

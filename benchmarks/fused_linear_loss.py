@@ -37,7 +37,6 @@ _LOGITS_COPIES = {"logits_ours": 3.2, "logits_automodel": 10.5}
 def _loss_step(path: str, h_s, w_s, h_t, w_t, labels):
     """A closure running forward + backward of ``path`` once."""
     if path == "fused":
-        sys.path.insert(0, str(REPO))
         from fused_linear_kd import FusedLinearKDLoss
 
         loss_fn = FusedLinearKDLoss(kd_ratio=1.0)
@@ -48,7 +47,6 @@ def _loss_step(path: str, h_s, w_s, h_t, w_t, labels):
         loss_fn = LigerFusedLinearJSD(jsd_beta=0.0)
         return lambda: loss_fn(h_s, w_s, h_t, w_t, labels).backward()
     if path == "logits_ours":
-        sys.path.insert(0, str(REPO))
         from loss import KDLoss
     else:
         from nemo_automodel.components.loss.kd_loss import KDLoss
@@ -116,6 +114,7 @@ def main():
     parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        sys.path.insert(0, str(REPO))
         print(json.dumps(worker(args)))
         return
     if args.quick:
@@ -127,13 +126,14 @@ def main():
              "| tokens | vocab | path | time (s) | peak above inputs (GB) | time vs logits_ours | peak vs logits_ours |",
              "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    liger_missing = _liger_missing()
     for vocab in args.vocab:
         for tokens in args.tokens:
             results = {}
             for path in PATHS:
                 need = _LOGITS_COPIES.get(path, 0) * tokens * vocab * 4
-                if path == "liger" and _liger_missing():
-                    results[path] = {"error": f"not run: {_liger_missing()}"}
+                if path == "liger" and liger_missing:
+                    results[path] = {"error": f"not run: {liger_missing}"}
                 elif need > free / 2:
                     results[path] = {"error": f"skipped: needs ~{need / 1e9:.0f} GB, half the free memory is "
                                               f"{free / 2e9:.0f} GB"}

@@ -156,6 +156,17 @@ def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: boo
     ]
 
 
+def parity_run(ckpts, arch: str, out_dir: Path, mode: str, nproc: int, extra: list[str], steps: int):
+    """One ``run.py`` job of a parity matrix on ``arch``'s tiny pair: fp32 compute, local batch 4 unless ``extra``
+    says otherwise, validation after the last step, hidden-state KD in KD mode. ``(training rows, validation rows)``."""
+    args = [*tiny_overrides(ckpts, arch, out_dir, steps=steps, teacher=mode == "kd"), *FP32_COMPUTE,
+            "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={steps}",
+            "step_scheduler.ckpt_every_steps=100", *(HIDDEN_KD if mode == "kd" else []), *extra]
+    result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
+    assert result.returncode == 0, f"{arch} {out_dir.name}: {result.stderr[-4000:]}"
+    return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+
+
 def assert_layer_follows_block_config(layer, block, config):
     """Every field of ``block`` shows in the shapes (or the routing) of ``layer``."""
     attention, ffn = block["attention"], block["ffn"]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import patch_automodel
-from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_layer_follows_block_config,
-                      assert_same_training, read_jsonl, tiny_overrides, torchrun)
+from conftest import (HIDDEN_KD_KEYS, assert_layer_follows_block_config, assert_same_training, parity_run,
+                      tiny_overrides, torchrun)
 from nemo_automodel import NeMoAutoModelForCausalLM
 from tools.build_checkpoints import build
 
@@ -41,12 +41,7 @@ DENSE_RUNS = {"single_process": ("kd", 1, []), "fsdp2_dp2": ("kd", 2, ["step_sch
 
 
 def train(ckpts, arch, out_dir, mode, nproc, extra):
-    args = [*tiny_overrides(ckpts, arch, out_dir, steps=STEPS, teacher=mode == "kd"), *FP32_COMPUTE,
-            "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={STEPS}",
-            "step_scheduler.ckpt_every_steps=100", *(HIDDEN_KD if mode == "kd" else []), *extra]
-    result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
-    assert result.returncode == 0, f"{arch} {out_dir.name}: {result.stderr[-4000:]}"
-    return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+    return parity_run(ckpts, arch, out_dir, mode, nproc, extra, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import nemotron_h
 import patch_automodel
 import preflight
 import run
-from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_same_training, checkpoint_tensors, read_jsonl,
-                      tiny_overrides, torchrun)
+from conftest import (HIDDEN_KD_KEYS, assert_same_training, checkpoint_tensors, parity_run, tiny_overrides,
+                      torchrun)
 from tools.build_checkpoints import build, write_squad_like_data
 
 ARCHS = ("nemotron_h", "nemotron_h_v2")
@@ -68,13 +68,9 @@ def runs(ckpts, tmp_path_factory):
     """``{name: (training rows, validation rows)}`` for every entry of RUNS."""
     out = {}
     for name, (arch, mode, nproc, extra) in RUNS.items():
-        out_dir = tmp_path_factory.mktemp(name.replace("/", "_"))
-        args = [*overrides(ckpts, arch, out_dir, teacher=mode == "kd"), *FP32_COMPUTE,
-                "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={STEPS}",
-                "step_scheduler.ckpt_every_steps=100", *(HIDDEN_KD if mode == "kd" else []), *extra]
-        result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
-        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
-        out[name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+        teacher = [f"teacher_model.anymodel_descriptor={arch}"] if mode == "kd" else []
+        out[name] = parity_run(ckpts, arch, tmp_path_factory.mktemp(name.replace("/", "_")), mode, nproc,
+                               [*teacher, *extra], STEPS)
     return out
 
 

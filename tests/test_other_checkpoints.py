@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import nemotron_h
 import preflight
 import run
-from conftest import (FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, assert_layer_follows_block_config,
-                      assert_same_training, read_jsonl, tiny_overrides, torchrun)
+from conftest import (HIDDEN_KD_KEYS, assert_layer_follows_block_config, assert_same_training, parity_run,
+                      tiny_overrides)
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import force_cache_dynamic_modules, save_checkpoint
@@ -132,13 +132,9 @@ def runs(ckpts, tmp_path_factory):
     out = {}
     for arch, name in [(arch, "single_process") for arch in BLOCKS] + PARITY:
         nproc, extra = RUNS[name]
-        out_dir = tmp_path_factory.mktemp(f"{arch}_{name}")
-        args = [*tiny_overrides(ckpts, arch, out_dir, steps=STEPS), *FP32_COMPUTE, *HIDDEN_KD,
-                *(["teacher_model.anymodel_descriptor=nemotron_h"] if arch == "nemotron_h" else []),
-                "step_scheduler.local_batch_size=4", "step_scheduler.ckpt_every_steps=100", *extra]
-        result = torchrun(["-m", "run", "--mode", "kd", *args], nproc=nproc)
-        assert result.returncode == 0, f"{arch} {name}: {result.stderr[-4000:]}"
-        out[arch, name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
+        teacher = ["teacher_model.anymodel_descriptor=nemotron_h"] if arch == "nemotron_h" else []
+        out[arch, name] = parity_run(ckpts, arch, tmp_path_factory.mktemp(f"{arch}_{name}"), "kd", nproc,
+                                     [*teacher, *extra], STEPS)
     return out
 
 
