@@ -14,9 +14,8 @@ from nemo_automodel.components.training.utils import ScopedModuleOffloading
 from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
-import flops
-import fused_kd_forward
-import hidden_kd
+from common import flops
+from distillation import fused_kd_forward, hidden_kd
 
 
 class NonFiniteLossError(RuntimeError):

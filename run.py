@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-import resume
+from safety import resume
 
 HERE = Path(__file__).resolve().parent
 MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
@@ -169,7 +169,7 @@ def setup_runtime() -> bool:
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        import cpu_support
+        from common import cpu_support
 
         cpu_support.apply()
     patch_automodel.apply_patch()
@@ -206,7 +206,7 @@ def prepare(argv: list[str]):
     if mode == "kd" and cfg.get("kd_loss_fn", None) is None and cfg.get("teacher_model", None) is not None:
         # AutoModel's fallback (KLDivLoss) fails at step 0 on num_batch_labels; ours is the documented default.
         cfg.set_by_dotted("kd_loss_fn._target_", "loss.KDLoss")
-    import preflight
+    from safety import preflight
 
     preflight.check(cfg, mode)
     restore_from = resume.restore_target(cfg)
@@ -214,7 +214,7 @@ def prepare(argv: list[str]):
         # This student's own checkpoint (preflight compared them): AutoModel would compare path strings.
         cfg.set_by_dotted("checkpoint.restore_from", restore_from)
     if on_cpu:
-        import cpu_support
+        from common import cpu_support
 
         cpu_support.use_gloo(cfg)
 
@@ -234,8 +234,8 @@ def _print_on_rank_zero(text: str) -> None:
 def user_error_types() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": printed as one line, exit code 2, no traceback."""
     types = [UsageError]
-    for module, name in (("preflight", "PreflightError"), ("patch_automodel", "AnyModelError"),
-                         ("recipe", "NonFiniteLossError"), ("checkpoint_lock", "CheckpointDirLockedError")):
+    for module, name in (("common.errors", "PreflightError"), ("common.errors", "AnyModelError"),
+                         ("recipe", "NonFiniteLossError"), ("safety.checkpoint_lock", "CheckpointDirLockedError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     Recipe, cfg = prepare(argv)
     lock = None
     if cfg.get("checkpoint.enabled", True) and cfg.get("checkpoint.checkpoint_dir", None):
-        from checkpoint_lock import CheckpointDirLock
+        from safety.checkpoint_lock import CheckpointDirLock
 
         lock = CheckpointDirLock(cfg.get("checkpoint.checkpoint_dir")).acquire()
         resume.record_student(cfg)

@@ -8,7 +8,7 @@ Four things go wrong with ModelOpt 0.47's ``gpt_oss`` descriptor and AutoModel 0
 * **Sliding windows vanish under pipeline parallelism.** AutoModel's pipeline forward picks a
   layer's mask from ``decoder_layer.attention_type`` and builds the sliding mask only for models
   with ``has_sliding_layers``; transformers' GPT-OSS has neither (its own forward reads
-  ``config.layer_types``), so every layer attends to the whole sequence. :func:`install` adds both
+  ``config.layer_types``), so every layer attends to the whole sequence. :meth:`GptOss.install` adds both
   as properties derived from the config.
 * **Pruned expert widths crash** transformers' default ``grouped_mm`` experts kernel when a width
   breaks its 16-byte alignment: :func:`fit_experts_kernel` runs those layers with the eager loop.
@@ -21,8 +21,6 @@ Four things go wrong with ModelOpt 0.47's ``gpt_oss`` descriptor and AutoModel 0
 
 import copy
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -38,8 +36,8 @@ from modelopt.torch.puzzletron.anymodel.models.gpt_oss.gpt_oss_model_descriptor 
 from nemo_automodel.components.distributed.optimized_tp_plans import _parallelize_llama
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
-SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
-
+from architectures.interface import DENSE_FIELDS, MOE_FIELDS, Architecture
+from architectures.tensor_parallel import SEQUENCE_DIM, LocalParameters, SumGradientsOverTP, per_layer_tp_plan
 
 class GptOssDescriptor(GptOssModelDescriptor):
     """ModelOpt's GPT-OSS descriptor, with ``expert_intermediate_dim`` reaching the experts."""
@@ -78,52 +76,6 @@ def _has_sliding_layers(model: GptOssModel) -> bool:
     return "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
 
 
-def install() -> None:
-    """Give GPT-OSS the two attributes AutoModel's pipeline forward reads. Idempotent."""
-    GptOssDecoderLayer.attention_type = property(_attention_type)
-    GptOssModel.has_sliding_layers = property(_has_sliding_layers)
-
-
-def uninstall() -> None:
-    for cls, name in ((GptOssDecoderLayer, "attention_type"), (GptOssModel, "has_sliding_layers")):
-        if isinstance(cls.__dict__.get(name), property):
-            delattr(cls, name)
-
-
-def is_gpt_oss(model: nn.Module) -> bool:
-    return isinstance(model, GptOssForCausalLM)
-
-
-def expert_width(mlp: nn.Module) -> int | None:
-    """Intermediate channels per expert of a GPT-OSS MoE block; None for anything else."""
-    experts = getattr(mlp, "experts", None)
-    return experts.down_proj.shape[1] if experts is not None and hasattr(experts, "down_proj") else None
-
-
-class _LocalParameters:
-    """Forward hooks that hand a module the local shards of some of its DTensor parameters.
-
-    GPT-OSS reads ``self.sinks`` and the expert tensors directly inside its forward (no ``nn.Linear``
-    that DTensor could dispatch), so for the duration of the forward each named parameter is replaced
-    by ``transform(local shard)``; autograd carries the gradient back to the DTensor parameter.
-    """
-
-    def __init__(self, module: nn.Module, transforms: dict):
-        self.transforms, self.saved = transforms, {}
-        module.register_forward_pre_hook(self.swap_in)
-        module.register_forward_hook(self.swap_out)
-
-    def swap_in(self, module, args):
-        for name, transform in self.transforms.items():
-            param = module._parameters[name]
-            self.saved[name] = param
-            module._parameters[name] = transform(param.to_local() if isinstance(param, DTensor) else param)
-
-    def swap_out(self, module, args, output):
-        module._parameters.update(self.saved)
-        self.saved = {}
-
-
 class ShardAttentionSinks(ParallelStyle):
     """Split GPT-OSS attention's ``sinks`` ``[heads]`` as ``Shard(0)``, like the heads of ``q_proj``.
 
@@ -132,23 +84,8 @@ class ShardAttentionSinks(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         module.register_parameter("sinks", nn.Parameter(distribute_tensor(module.sinks, device_mesh, [Shard(0)])))
-        _LocalParameters(module, {"sinks": lambda t: t})
+        LocalParameters(module, {"sinks": lambda t: t})
         return module
-
-
-class _SumGradientsOverTP(torch.autograd.Function):
-    """Identity forward; backward all-reduces the gradient: the input of a column-parallel block."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 class ShardExperts(ParallelStyle):
@@ -179,7 +116,7 @@ class ShardExperts(ParallelStyle):
         for name, dim in (("gate_up_proj", -1), ("gate_up_proj_bias", -1), ("down_proj", 1)):
             param = getattr(experts, name)
             experts.register_parameter(name, nn.Parameter(distribute_tensor(param, device_mesh, [Shard(dim)])))
-        _LocalParameters(experts, {"gate_up_proj": lambda t: t, "gate_up_proj_bias": lambda t: t,
+        LocalParameters(experts, {"gate_up_proj": lambda t: t, "gate_up_proj_bias": lambda t: t,
                                    "down_proj": lambda t: t, "down_proj_bias": lambda t: t / tp})
         for submodule in (module.router, experts):
             mark_tp_replica_gradient_reduction(submodule, "sum")
@@ -187,7 +124,7 @@ class ShardExperts(ParallelStyle):
 
         def gather_input(mod, args):
             x = args[0].full_tensor() if isinstance(args[0], DTensor) else args[0]
-            return (_SumGradientsOverTP.apply(x, group), *args[1:])
+            return (SumGradientsOverTP.apply(x, group), *args[1:])
 
         def reduce_output(mod, args, output):
             hidden, router_scores = output
@@ -212,3 +149,37 @@ def tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     plan["model.layers.*.self_attn"] = ShardAttentionSinks()
     plan["model.layers.*.mlp"] = ShardExperts(sequence_parallel)
     return plan
+
+
+class GptOss(Architecture):
+    """GPT-OSS: :class:`GptOssDescriptor`, the eager experts kernel where widths need it, the sliding-window
+    attributes AutoModel's pipeline forward reads, and :func:`tp_plan`."""
+
+    descriptor_names = ("gpt_oss",)
+    model_types = ("gpt_oss",)
+    applied_fields = frozenset({*DENSE_FIELDS - {"ffn.intermediate_size"}, *MOE_FIELDS})
+    automodel_needs_cuda = "its YaRN rotary embedding calls torch.cuda"
+
+    def fix_descriptor(self, descriptor):
+        return GptOssDescriptor if descriptor is GptOssModelDescriptor else descriptor
+
+    def after_build(self, model: nn.Module) -> None:
+        fit_experts_kernel(model)
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, GptOssForCausalLM)
+
+    def tp_plan(self, model, tp_size, sequence_parallel, user_plan):
+        if user_plan is not None:
+            return super().tp_plan(model, tp_size, sequence_parallel, user_plan)
+        return per_layer_tp_plan(model, tp_plan(sequence_parallel), tp_size, sequence_parallel)
+
+    def install(self) -> None:
+        """Give GPT-OSS the two attributes AutoModel's pipeline forward reads."""
+        GptOssDecoderLayer.attention_type = property(_attention_type)
+        GptOssModel.has_sliding_layers = property(_has_sliding_layers)
+
+    def uninstall(self) -> None:
+        for cls, name in ((GptOssDecoderLayer, "attention_type"), (GptOssModel, "has_sliding_layers")):
+            if isinstance(cls.__dict__.get(name), property):
+                delattr(cls, name)

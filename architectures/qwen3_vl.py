@@ -7,21 +7,21 @@ model. Three things stand between it and this example's recipes, all handled her
   configuration class"); ``NeMoAutoModelForImageTextToText`` can, and shares the very same
   ``from_pretrained``/``from_config``. ``patch_automodel`` keeps the config's ``_target_``
   (``NeMoAutoModelForCausalLM.from_pretrained``, so ``train_ft.build_model`` still hands the model its
-  distributed setup) and builds with :func:`build_class`'s class instead.
-* **``anymodel_descriptor=auto``.** ModelOpt's auto-detection has no entry for ``qwen3_vl_moe``:
-  :func:`auto_descriptor_name` supplies it.
+  distributed setup) and builds with :meth:`Qwen3VL.build_class`'s class instead.
+* **``anymodel_descriptor=auto``.** ModelOpt's auto-detection has no entry for ``qwen3_vl_moe``: the
+  registry finds this architecture by its ``model_types``.
 * **Vision tower.** The recipes feed text only, so the vision tower never gets a gradient; it is also
   frozen (``requires_grad=False``) with AutoModel's own ``freeze_config`` (``freeze_vision_tower``,
   which freezes ``model.visual``), unless the run's config sets a ``freeze_config`` of its own:
-  :func:`prepare_build_kwargs`.
+  :meth:`Qwen3VL.prepare_build_kwargs`.
 * **Tensor parallelism.** AutoModel 0.7.0 has no TP plan for ``Qwen3VLMoeForConditionalGeneration`` and falls
   back to its Llama plan, whose ``model.layers.*`` keys name nothing in a model whose decoder is
   ``model.language_model.layers``. :func:`tp_plan` is AutoModel's Qwen3 plan moved under
   ``model.language_model``, with each MoE block split by whole experts (:class:`ShardExpertsByIndex`);
-  :func:`install` registers it, and ``tp_plan.per_layer_tp_plan`` specializes it layer by layer as for
+  :meth:`Qwen3VL.install` registers it, and ``tensor_parallel.per_layer_tp_plan`` specializes it layer by layer as for
   every AnyModel student.
 * **Pipeline parallelism** stays refused: AutoModel 0.7.0 refuses image-text models outside its pipeline-aware
-  list; preflight says so before any weights load (:func:`parallelism_problem`).
+  list; preflight says so before any weights load (:meth:`Qwen3VL.parallelism_problem`).
 """
 
 import copy
@@ -35,7 +35,8 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from nemo_automodel.components.distributed import optimized_tp_plans
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
-import gpt_oss
+from architectures.interface import DENSE_FIELDS, MOE_FIELDS, Architecture
+from architectures.tensor_parallel import SEQUENCE_DIM, LocalParameters, SumGradientsOverTP
 
 MODEL_TYPE = "qwen3_vl_moe"
 DESCRIPTOR_NAME = "qwen3_vl"
@@ -55,48 +56,8 @@ def is_image_text(hf_config) -> bool:
             and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
-def build_class(cls, hf_config):
-    """The AutoModel class to build ``hf_config`` with: ``cls``, or the image-text class where ``cls`` cannot."""
-    if not is_image_text(hf_config):
-        return cls
-    from nemo_automodel import NeMoAutoModelForImageTextToText
-
-    return NeMoAutoModelForImageTextToText
-
-
-def prepare_build_kwargs(hf_config, kwargs: dict) -> None:
-    """Freeze the vision tower of an image-text build, unless the caller passed a ``freeze_config``."""
-    if is_image_text(hf_config) and kwargs.get("freeze_config") is None:
-        kwargs["freeze_config"] = dict(FREEZE_VISION_TOWER)
-
-
-def auto_descriptor_name(checkpoint) -> str | None:
-    """``qwen3_vl`` for a ``qwen3_vl_moe`` checkpoint (which ModelOpt's auto-detection does not map), else None."""
-    import json
-    from pathlib import Path
-
-    config_file = Path(checkpoint) / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == MODEL_TYPE:
-        return DESCRIPTOR_NAME
-    return None
-
-
-def parallelism_problem(section: str, model_type: str | None, pp_size: int) -> str | None:
-    """Why a Qwen3-VL-MoE model cannot run with these sizes (None: it can).
-
-    Pipeline parallelism: AutoModel 0.7.0 refuses, at the build and after the process group is up, every
-    image-text model outside its pipeline-aware list (gemma4, mistral3), Qwen3-VL-MoE among them.
-    """
-    if model_type != MODEL_TYPE or pp_size == 1:
-        return None
-    return (f"distributed.pp_size={pp_size}: {section} is a Qwen3-VL-MoE ({MODEL_TYPE}) model, whose pipeline split "
-            "AutoModel 0.7.0 refuses (it pipelines only the image-text models gemma4 and mistral3); set "
-            "distributed.pp_size=1 and split it with FSDP2 and distributed.tp_size (sequence_parallel works too)")
-
-
 # ----------------------------------------------------------------------------- tensor parallelism
 
-SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
 MODEL_CLASS = "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeForConditionalGeneration"
 LANGUAGE_MODEL = "model.language_model"
 
@@ -131,7 +92,7 @@ class ShardExpertsByIndex(ParallelStyle):
         for name in ("gate_up_proj", "down_proj"):
             param = getattr(experts, name)
             experts.register_parameter(name, nn.Parameter(distribute_tensor(param, device_mesh, [Shard(0)])))
-        gpt_oss._LocalParameters(experts, {"gate_up_proj": lambda t: t, "down_proj": lambda t: t})
+        LocalParameters(experts, {"gate_up_proj": lambda t: t, "down_proj": lambda t: t})
         # transformers' experts kernels skip (and zero) the tokens of a sentinel index only in this mode.
         experts._is_expert_parallel = True
         if local == 0:  # no expert on this rank: the eager loop skips every token, the grouped kernels cannot run
@@ -155,7 +116,7 @@ class ShardExpertsByIndex(ParallelStyle):
 
         def gather_input(mod, args):
             x = args[0].full_tensor() if isinstance(args[0], DTensor) else args[0]
-            return (gpt_oss._SumGradientsOverTP.apply(x, group), *args[1:])
+            return (SumGradientsOverTP.apply(x, group), *args[1:])
 
         def reduce_output(mod, args, output):
             partial = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
@@ -184,11 +145,43 @@ def tp_plan(model: nn.Module | None = None, sequence_parallel: bool = False) -> 
     return plan
 
 
-def install() -> None:
-    """Register :func:`tp_plan` with AutoModel's optimized TP plans. Idempotent."""
-    optimized_tp_plans.PARALLELIZE_FUNCTIONS.setdefault(MODEL_CLASS, tp_plan)
+class Qwen3VL(Architecture):
+    """Qwen3-VL-MoE: built with AutoModel's image-text class, vision tower frozen, found by ``auto``, its TP
+    plan registered with AutoModel, pipeline parallelism refused."""
 
+    descriptor_names = (DESCRIPTOR_NAME,)
+    model_types = (MODEL_TYPE,)
+    applied_fields = DENSE_FIELDS | MOE_FIELDS
+    config_wide_fields = {"ffn.moe.num_experts_per_tok": "num_experts_per_tok"}
+    image_text = True
 
-def uninstall() -> None:
-    if optimized_tp_plans.PARALLELIZE_FUNCTIONS.get(MODEL_CLASS) is tp_plan:
-        del optimized_tp_plans.PARALLELIZE_FUNCTIONS[MODEL_CLASS]
+    def build_class(self, cls, hf_config):
+        """AutoModel's image-text class, whose ``from_pretrained``/``from_config`` are ``cls``'s."""
+        if not is_image_text(hf_config):
+            return cls
+        from nemo_automodel import NeMoAutoModelForImageTextToText
+
+        return NeMoAutoModelForImageTextToText
+
+    def prepare_build_kwargs(self, hf_config, kwargs: dict) -> None:
+        """Freeze the vision tower of an image-text build, unless the caller passed a ``freeze_config``."""
+        if is_image_text(hf_config) and kwargs.get("freeze_config") is None:
+            kwargs["freeze_config"] = dict(FREEZE_VISION_TOWER)
+
+    def parallelism_problem(self, section, descriptor_name, sizes):
+        """Pipeline parallelism: AutoModel 0.7.0 refuses, at the build and after the process group is up, every
+        image-text model outside its pipeline-aware list (gemma4, mistral3), Qwen3-VL-MoE among them."""
+        pp_size = sizes["pp_size"]
+        if pp_size == 1:
+            return None
+        return (f"distributed.pp_size={pp_size}: {section} is a Qwen3-VL-MoE ({MODEL_TYPE}) model, whose pipeline "
+                "split AutoModel 0.7.0 refuses (it pipelines only the image-text models gemma4 and mistral3); set "
+                "distributed.pp_size=1 and split it with FSDP2 and distributed.tp_size (sequence_parallel works too)")
+
+    def install(self) -> None:
+        """Register :func:`tp_plan` with AutoModel's optimized TP plans."""
+        optimized_tp_plans.PARALLELIZE_FUNCTIONS.setdefault(MODEL_CLASS, tp_plan)
+
+    def uninstall(self) -> None:
+        if optimized_tp_plans.PARALLELIZE_FUNCTIONS.get(MODEL_CLASS) is tp_plan:
+            del optimized_tp_plans.PARALLELIZE_FUNCTIONS[MODEL_CLASS]

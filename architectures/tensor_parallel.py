@@ -25,39 +25,74 @@ block of each layer gets one of three treatments on the ``tp`` mesh:
 
 Entries that are not per layer (embedding, final norm, ``lm_head``) are kept as they are.
 
-AutoModel builds a model and parallelizes it inside ``from_pretrained``, before the model can be
-handed to anyone, and an import-path ``distributed.tp_plan`` is called without the model. So
-``patch_automodel`` builds AnyModel checkpoints under :func:`per_layer_tp_plans`, which hands
-them :class:`AnyModelParallelizer` (AutoModel's FSDP2/TP parallelizer with the per-layer plan).
+Also here: the pieces the architectures' own parallel styles share (:class:`LocalParameters`,
+:class:`SumGradientsOverTP`). ``parallelizer.py`` applies the plans.
 """
 
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from nemo_automodel.components.distributed import model_parallelizer
-from nemo_automodel.components.distributed.optimized_tp_plans import _parallelize_llama
-from nemo_automodel.components.distributed.parallelizer import ModelParallelizer, _get_parallel_plan
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
-import gpt_oss
-import nemotron_h
-
 BlockMode = Literal["sharded", "replicated", "no_op"]
-# Models with Llama's layer names and blocks that AutoModel gives transformers' own TP plan, which has no
-# sequence-parallel entries (sequence_parallel=true would be ignored): they get AutoModel's Llama plan.
-LLAMA_LAYOUT = ("MistralForCausalLM",)
 LAYER_WILDCARD = ".*."
 # The first name of a per-layer plan key, mapped to the block it belongs to. Norms feed their
 # block; under sequence parallelism they all-gather its input, which a replicated block needs too.
 BLOCK_OF = {"self_attn": "self_attn", "input_layernorm": "self_attn", "mlp": "mlp", "post_attention_layernorm": "mlp"}
 NORMS = ("input_layernorm", "post_attention_layernorm")
 SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
+
+
+def expert_width(mlp: nn.Module) -> int | None:
+    """Intermediate channels per expert of a fused-experts block (``experts.down_proj [E, I, hidden]``, GPT-OSS's
+    layout); None for a block without one."""
+    experts = getattr(mlp, "experts", None)
+    return experts.down_proj.shape[1] if experts is not None and hasattr(experts, "down_proj") else None
+
+
+class LocalParameters:
+    """Forward hooks that hand a module the local shards of some of its DTensor parameters.
+
+    GPT-OSS reads ``self.sinks`` and the expert tensors directly inside its forward (no ``nn.Linear``
+    that DTensor could dispatch), so for the duration of the forward each named parameter is replaced
+    by ``transform(local shard)``; autograd carries the gradient back to the DTensor parameter.
+    """
+
+    def __init__(self, module: nn.Module, transforms: dict):
+        self.transforms, self.saved = transforms, {}
+        module.register_forward_pre_hook(self.swap_in)
+        module.register_forward_hook(self.swap_out)
+
+    def swap_in(self, module, args):
+        for name, transform in self.transforms.items():
+            param = module._parameters[name]
+            self.saved[name] = param
+            module._parameters[name] = transform(param.to_local() if isinstance(param, DTensor) else param)
+
+    def swap_out(self, module, args, output):
+        module._parameters.update(self.saved)
+        self.saved = {}
+
+
+class SumGradientsOverTP(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient: the input of a column-parallel block."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def attention_mode(attn: nn.Module, tp_size: int) -> BlockMode:
@@ -72,7 +107,7 @@ def attention_mode(attn: nn.Module, tp_size: int) -> BlockMode:
 def mlp_mode(mlp: nn.Module, tp_size: int) -> BlockMode:
     """How a layer's ``mlp`` is split: by intermediate columns (of every expert, for GPT-OSS's MoE)
     when their count divides ``tp_size``."""
-    width = mlp.down_proj.in_features if hasattr(mlp, "down_proj") else gpt_oss.expert_width(mlp)
+    width = mlp.down_proj.in_features if hasattr(mlp, "down_proj") else expert_width(mlp)
     if width is None:
         return "no_op"
     return "sharded" if width % tp_size == 0 else "replicated"
@@ -171,51 +206,3 @@ def per_layer_tp_plan(model: nn.Module, base_plan: dict[str, ParallelStyle], tp_
                 if mode == "replicated":
                     plan[f"{prefix}.{block}"] = ReplicateOnTP(sequence_parallel)
     return plan
-
-
-class AnyModelParallelizer(ModelParallelizer):
-    """AutoModel's FSDP2 + TP parallelizer, with the TP plan specialized layer by layer."""
-
-    def _validate_tp_mesh(self, model: nn.Module, tp_mesh: DeviceMesh) -> None:
-        """Skip AutoModel's check of the config's global head counts: the per-layer plan only
-        shards the attention of layers whose own head counts divide the TP size."""
-
-    def _apply(self, model: nn.Module, device_mesh: DeviceMesh, **kwargs) -> nn.Module:
-        tp_size = device_mesh["tp"].size()
-        if tp_size > 1:
-            sequence_parallel = kwargs.get("sequence_parallel", False)
-            user_plan = kwargs.get("tp_shard_plan")
-            if user_plan is None and nemotron_h.is_nemotron_h(model):  # already per layer
-                kwargs["tp_shard_plan"] = nemotron_h.tp_plan(model, tp_size, sequence_parallel)
-                return super()._apply(model, device_mesh, **kwargs)
-            if user_plan is None and gpt_oss.is_gpt_oss(model):
-                base_plan = gpt_oss.tp_plan(sequence_parallel)
-            elif user_plan is None and type(model).__name__ in LLAMA_LAYOUT:
-                base_plan = _parallelize_llama(model, sequence_parallel)
-            else:
-                base_plan = _get_parallel_plan(model, sequence_parallel, user_plan, tp_size=tp_size)
-            kwargs["tp_shard_plan"] = per_layer_tp_plan(model, base_plan, tp_size, sequence_parallel)
-        return super()._apply(model, device_mesh, **kwargs)
-
-
-ANYMODEL_PARALLELIZER = AnyModelParallelizer()
-
-
-@contextmanager
-def per_layer_tp_plans():
-    """Within the block, AutoModel parallelizes models that bring no parallelizer of their own
-    with :class:`AnyModelParallelizer` (``patch_automodel`` wraps each AnyModel build in it)."""
-    original = model_parallelizer.get_model_parallelizer
-
-    def get_model_parallelizer(model: nn.Module) -> ModelParallelizer:
-        parallelizer = original(model)
-        # Nemotron-H brings AutoModel's own policy (MLP-only TP, no SP); the per-layer plan replaces it.
-        if type(parallelizer) is ModelParallelizer or nemotron_h.is_nemotron_h(model):
-            return ANYMODEL_PARALLELIZER
-        return parallelizer
-
-    model_parallelizer.get_model_parallelizer = get_model_parallelizer
-    try:
-        yield
-    finally:
-        model_parallelizer.get_model_parallelizer = original

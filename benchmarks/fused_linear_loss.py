@@ -37,7 +37,7 @@ _LOGITS_COPIES = {"logits_ours": 3.2, "logits_automodel": 10.5}
 def _loss_step(path: str, h_s, w_s, h_t, w_t, labels):
     """A closure running forward + backward of ``path`` once."""
     if path == "fused":
-        from fused_linear_kd import FusedLinearKDLoss
+        from distillation.fused_linear_kd import FusedLinearKDLoss
 
         loss_fn = FusedLinearKDLoss(kd_ratio=1.0)
         return lambda: loss_fn(h_s, w_s, h_t, w_t, labels)[0].backward()

@@ -52,8 +52,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 import loss
-from fused_linear_kd import FusedLinearKDLoss
-from preflight import PreflightError
+from common.errors import PreflightError
+from distillation.fused_linear_kd import FusedLinearKDLoss
 
 # AutoModel's linear-CE forward: project one position per row, return the final hidden states.
 HIDDEN_STATES_ONLY = {"logits_to_keep": 1, "output_hidden_states": True}

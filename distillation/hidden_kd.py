@@ -48,7 +48,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from preflight import Checkpoint, PreflightError
+from common.checkpoint import Checkpoint
+from common.errors import PreflightError
 
 LOSSES = ("cosine", "mse", "normalized_mse")
 # Where the decoder layers live: Llama-like models, Nemotron-H's remote-code layout, Qwen3-VL's language model.

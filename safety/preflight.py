@@ -13,14 +13,14 @@ import contextlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import nemotron_h
-import patch_automodel
-import qwen3_vl
-import resume
+from architectures import descriptors, registry
+from common.checkpoint import Checkpoint
+from common.errors import AnyModelError, PreflightError
+from distillation import fused_kd_forward, hidden_kd
 from loss import DIVERGENCES
+from safety import resume
 
 # Keys that must name a checkpoint before anything is built, per mode.
 REQUIRED_PATHS = {
@@ -37,30 +37,6 @@ NUMERIC_KEYS = ("optimizer.lr", "optimizer.weight_decay", "optimizer.eps", "clip
 STEP_KEYS = ("step_scheduler.global_batch_size", "step_scheduler.local_batch_size", "step_scheduler.max_steps",
              "step_scheduler.ckpt_every_steps", "step_scheduler.val_every_steps", "step_scheduler.num_epochs")
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own cap on the JSON header
-# Image-text model types this example builds (through AutoModel's image-text class, qwen3_vl.py), and their
-# descriptors; other image-text checkpoints are refused (see check_builds_as_causal_lm).
-IMAGE_TEXT_MODEL_TYPES = {qwen3_vl.MODEL_TYPE: qwen3_vl.DESCRIPTOR_NAME}
-
-
-class PreflightError(ValueError):
-    """A config value or file that cannot work; the message names it and says how to fix it."""
-
-
-@dataclass
-class Checkpoint:
-    """A model section's checkpoint as seen on disk. ``config`` is None for a hub id."""
-
-    section: str
-    path: str
-    config: dict | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.section}.pretrained_model_name_or_path"
-
-    def get(self, name: str):
-        """A field of ``config.json``, or of its ``text_config`` for multimodal checkpoints."""
-        return self.config.get("text_config", self.config).get(name, self.config.get(name))
 
 
 def check(cfg, mode: str, world_size: int | None = None) -> None:
@@ -97,12 +73,8 @@ def check(cfg, mode: str, world_size: int | None = None) -> None:
     for section in ("dataset", "validation_dataset"):
         check_dataset(cfg, section)
     if mode == "kd" and cfg.get("fused_linear_loss", False):
-        import fused_kd_forward  # here, not at the top: it imports this module
-
         fused_kd_forward.check_config(cfg)
     if mode == "kd":
-        import hidden_kd  # here, not at the top: it imports this module
-
         hidden_kd.check_config(cfg, student, teacher)
     resume.check_same_student(cfg)
 
@@ -308,7 +280,7 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
         if ckpt.config is not None and ckpt.config.get("block_configs") is not None:
             raise PreflightError(f"{ckpt.key}={ckpt.path} is a heterogeneous (AnyModel) checkpoint; set "
                                  f"{section}.anymodel_descriptor=auto (or its architecture: "
-                                 f"{', '.join(patch_automodel.descriptor_names())})")
+                                 f"{', '.join(descriptors.descriptor_names())})")
         check_runs_without_cuda(ckpt)
         check_image_text_has_descriptor(ckpt)
         return
@@ -316,7 +288,7 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
         check_builds_as_causal_lm(cfg, ckpt)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints what it detects
-            descriptor = patch_automodel.resolve_descriptor(str(name), ckpt.path if name == "auto" else None)
+            descriptor = descriptors.resolve_descriptor(str(name), ckpt.path if name == "auto" else None)
             if ckpt.config is None:
                 return
             expected = _descriptor_for_model_type(ckpt)
@@ -324,36 +296,32 @@ def check_anymodel(cfg, ckpt: Checkpoint) -> None:
         if expected is None:
             raise PreflightError(f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
                                  f"model_type={model_type!r}: ModelOpt 0.47 has no descriptor for that model_type")
-        if descriptor is not expected and not nemotron_h.same_model_type(descriptor, expected):
+        if descriptor is not expected and not descriptors.same_architecture(descriptor, expected):
             raise PreflightError(
                 f"{section}.anymodel_descriptor={name} does not match the checkpoint's "
                 f"model_type={model_type!r}; set {section}.anymodel_descriptor="
-                f"{_descriptor_name(expected)} (or auto)")
-        patch_automodel.load_block_configs(ckpt.path, block_configs_path, ckpt.get("num_hidden_layers"),
-                                           descriptor=_descriptor_name(descriptor),
-                                           num_attention_heads=ckpt.get("num_attention_heads"),
-                                           model_config=ckpt.config.get("text_config", ckpt.config))
-    except patch_automodel.AnyModelError as e:
+                f"{descriptors.descriptor_name(expected)} (or auto)")
+        descriptors.load_block_configs(ckpt.path, block_configs_path, ckpt.get("num_hidden_layers"),
+                                       descriptor=descriptors.descriptor_name(descriptor),
+                                       num_attention_heads=ckpt.get("num_attention_heads"),
+                                       model_config=ckpt.config.get("text_config", ckpt.config))
+    except AnyModelError as e:
         raise PreflightError(f"{section}: {e}") from None
 
 
-# model_types whose AutoModel 0.7.0 implementation (chosen for plain checkpoints without a descriptor)
-# calls CUDA in its forward, while transformers' implementation (chosen with a descriptor) runs anywhere.
-CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS = {"gpt_oss": "its YaRN rotary embedding calls torch.cuda",
-                                       "nemotron_h": "its Mamba-2 layers import mamba_ssm's CUDA kernels"}
-
-
 def check_runs_without_cuda(ckpt: Checkpoint) -> None:
-    """On a machine without CUDA, a plain checkpoint must not get an AutoModel implementation that needs it."""
+    """On a machine without CUDA, a plain checkpoint must not get an AutoModel implementation that needs it
+    (``Architecture.automodel_needs_cuda``; transformers' implementation, chosen with a descriptor, runs anywhere)."""
     import torch
 
     model_type = ckpt.config.get("model_type") if ckpt.config is not None else None
-    if model_type not in CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS or torch.cuda.is_available():
+    architecture = registry.for_model_type(model_type)
+    if architecture is None or architecture.automodel_needs_cuda is None or torch.cuda.is_available():
         return
     raise PreflightError(
         f"{ckpt.key}={ckpt.path} is a {model_type} checkpoint without {ckpt.section}.anymodel_descriptor: AutoModel "
         f"0.7.0 then uses its own {model_type} implementation, which needs CUDA "
-        f"({CUDA_ONLY_AUTOMODEL_IMPLEMENTATIONS[model_type]}); on this CPU-only machine set "
+        f"({architecture.automodel_needs_cuda}); on this CPU-only machine set "
         f"{ckpt.section}.anymodel_descriptor={model_type} (transformers' implementation)")
 
 
@@ -375,12 +343,13 @@ def check_builds_as_causal_lm(cfg, ckpt: Checkpoint) -> None:
 
     model_type = ckpt.config.get("model_type")
     if (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in ckpt.config.get("auto_map", {})
-            or model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or model_type in IMAGE_TEXT_MODEL_TYPES):
+            or model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            or model_type in registry.image_text_model_types()):
         return
     name = cfg.get(f"{ckpt.section}.anymodel_descriptor")
     architecture = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]
-    text_only = [n for n in patch_automodel.descriptor_names() if n not in (*IMAGE_TEXT_MODEL_TYPES.values(), "auto")
-                 and n not in patch_automodel.DESCRIPTOR_ALIASES]
+    text_only = [n for n in descriptors.descriptor_names()
+                 if n not in (*registry.image_text_model_types().values(), "auto") and n not in descriptors.DESCRIPTOR_ALIASES]
     raise PreflightError(
         f"{ckpt.section}.anymodel_descriptor={name}: {ckpt.key}={ckpt.path} has model_type={model_type!r} "
         f"({architecture}), which AutoModel 0.7.0's NeMoAutoModelForCausalLM, the class this example builds every "
@@ -395,11 +364,12 @@ def check_image_text_has_descriptor(ckpt: Checkpoint) -> None:
     build an image-text model and fails after the process group is up.
     """
     model_type = ckpt.config.get("model_type") if ckpt.config is not None else None
-    if model_type in IMAGE_TEXT_MODEL_TYPES:
+    image_text = registry.image_text_model_types()
+    if model_type in image_text:
         raise PreflightError(
             f"{ckpt.key}={ckpt.path} is a {model_type} (image-text) checkpoint without "
             f"{ckpt.section}.anymodel_descriptor, which AutoModel 0.7.0's NeMoAutoModelForCausalLM cannot build; set "
-            f"{ckpt.section}.anymodel_descriptor={IMAGE_TEXT_MODEL_TYPES[model_type]} (also for a homogeneous model)")
+            f"{ckpt.section}.anymodel_descriptor={image_text[model_type]} (also for a homogeneous model)")
 
 
 def check_same_vocabulary(student: Checkpoint, teacher: Checkpoint) -> None:
@@ -421,19 +391,18 @@ def check_same_vocabulary(student: Checkpoint, teacher: Checkpoint) -> None:
 def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     """Enough layers for the pipeline stages, and heads that split over TP ranks where nothing replicates them.
 
-    AnyModel students get per-layer TP plans (``tp_plan.py``) that replicate blocks whose heads do not
+    AnyModel students get per-layer TP plans (``architectures/tensor_parallel.py``) that replicate blocks whose heads do not
     split, so only plain Hugging Face models (teachers, homogeneous students) must divide evenly.
     """
     if ckpt.config is None:
         return
     pp_size, tp_size = _size(cfg, "pp_size"), _size(cfg, "tp_size")
-    problem = nemotron_h.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
-                                             ckpt.config.get("model_type"), _size(cfg, "cp_size"))
-    if problem is not None:
-        raise PreflightError(problem)
-    problem = qwen3_vl.parallelism_problem(ckpt.section, ckpt.config.get("model_type"), pp_size)
-    if problem is not None:
-        raise PreflightError(problem)
+    architecture = registry.for_model_type(ckpt.config.get("model_type"))
+    if architecture is not None:
+        problem = architecture.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
+                                                   {name: _size(cfg, name) for name in ("tp_size", "pp_size", "cp_size")})
+        if problem is not None:
+            raise PreflightError(problem)
     if pp_size > 1 and ckpt.section == "model" and _ties_word_embeddings(ckpt):
         raise PreflightError(
             f"distributed.pp_size={pp_size} with a model whose tie_word_embeddings is true ({ckpt.path}): AutoModel "
@@ -509,12 +478,6 @@ def _size(cfg, name: str) -> int:
 def _descriptor_for_model_type(ckpt: Checkpoint):
     """The descriptor class ModelOpt detects for the checkpoint's ``model_type``, or None if it detects none."""
     try:
-        return patch_automodel.resolve_descriptor("auto", ckpt.path)
-    except patch_automodel.AnyModelError:
+        return descriptors.resolve_descriptor("auto", ckpt.path)
+    except AnyModelError:
         return None
-
-
-def _descriptor_name(descriptor) -> str:
-    from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory
-
-    return next(n for n, cls in ModelDescriptorFactory.CLASS_MAPPING.items() if cls is descriptor)

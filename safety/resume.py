@@ -29,6 +29,8 @@ import os
 import re
 from pathlib import Path
 
+from common.errors import PreflightError
+
 STUDENT_FILE = "student.json"
 SAMPLES_PER_FILE = 16
 SAMPLE_BYTES = 4096
@@ -38,14 +40,14 @@ VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "name_or_path")
 
 def fingerprint(path: str | os.PathLike, block_configs_path: str | os.PathLike | None = None) -> str:
     """A hash of what the checkpoint at ``path`` is: config, block configs, weights (see the module docstring)."""
-    import patch_automodel
+    from architectures.descriptors import load_block_configs
 
     root = Path(path)
     digest = hashlib.sha256()
     config = json.loads((root / "config.json").read_text())
     digest.update(json.dumps({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS},
                              sort_keys=True).encode())
-    blocks = patch_automodel.load_block_configs(root, block_configs_path, None)
+    blocks = load_block_configs(root, block_configs_path, None)
     digest.update(json.dumps(blocks, sort_keys=True).encode())
     for file in _weight_files(root):
         size = file.stat().st_size
@@ -81,7 +83,6 @@ def _resumable(cfg) -> str | None:
 
 def check_same_student(cfg) -> None:
     """Refuse to resume a ``checkpoint_dir`` whose checkpoints trained another student (one line, both named)."""
-    from preflight import PreflightError
 
     latest = _resumable(cfg)
     record = Path(cfg.get("checkpoint.checkpoint_dir", ".")) / STUDENT_FILE

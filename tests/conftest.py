@@ -85,7 +85,7 @@ def patched():
     """AutoModel patched as ``run.py`` patches it (AnyModel builds; CPU stand-ins where CUDA is absent)."""
     import torch
 
-    import cpu_support
+    from common import cpu_support
     import patch_automodel
 
     if not torch.cuda.is_available():

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-import checkpoint_lock
-from checkpoint_lock import CheckpointDirLock, CheckpointDirLockedError
+from safety import checkpoint_lock
+from safety.checkpoint_lock import CheckpointDirLock, CheckpointDirLockedError
 from conftest import REPO, free_port, read_jsonl, tiny_overrides
 
 

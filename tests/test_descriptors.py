@@ -14,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-import patch_automodel
+from architectures import descriptors
+from common.errors import AnyModelError
 from conftest import (HIDDEN_KD_KEYS, assert_layer_follows_block_config, assert_same_training, parity_run,
                       tiny_overrides, torchrun)
 from nemo_automodel import NeMoAutoModelForCausalLM
@@ -181,10 +182,10 @@ def test_block_config_fields_the_build_would_not_follow_are_refused_before_any_w
     blocks[0] = {**blocks[0], field: value}
     path = tmp_path / "blocks.json"
     path.write_text(json.dumps(blocks))
-    with pytest.raises(patch_automodel.AnyModelError, match=message):
-        patch_automodel.load_block_configs(ckpts[arch]["student"], path, 4, descriptor=arch, num_attention_heads=4)
+    with pytest.raises(AnyModelError, match=message):
+        descriptors.load_block_configs(ckpts[arch]["student"], path, 4, descriptor=arch, num_attention_heads=4)
 
 
 def test_the_shipped_block_configs_of_every_built_student_are_accepted(ckpts):
     for arch in ("llama", "qwen3", "gpt_oss"):
-        assert patch_automodel.load_block_configs(ckpts[arch]["student"], None, 4, descriptor=arch, num_attention_heads=4)
+        assert descriptors.load_block_configs(ckpts[arch]["student"], None, 4, descriptor=arch, num_attention_heads=4)

@@ -2,7 +2,7 @@
 
 import pytest
 
-import flops
+from common import flops
 from tools.build_checkpoints import TINY, build_student_model, build_tokenizer, make_config, student_block_configs
 
 

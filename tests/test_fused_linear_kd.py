@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fused_linear_kd import FusedLinearKDLoss  # noqa: E402
+from distillation.fused_linear_kd import FusedLinearKDLoss  # noqa: E402
 from conftest import leave_rank, spawn_ranks  # noqa: E402
 from loss import KDLoss  # noqa: E402
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import hidden_kd
-import preflight
+from distillation import hidden_kd
+from safety import preflight
 from conftest import tiny_overrides, torchrun
 from test_preflight import config, copy_checkpoint, error
 

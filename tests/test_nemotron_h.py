@@ -16,10 +16,10 @@ import shutil
 import pytest
 import torch
 
-import nemotron_h
-import patch_automodel
-import preflight
 import run
+from architectures import descriptors, nemotron_h, nemotron_h_parallel
+from common.errors import AnyModelError
+from safety import preflight
 from conftest import (HIDDEN_KD_KEYS, assert_same_training, checkpoint_tensors, parity_run, tiny_overrides,
                       torchrun)
 from tools.build_checkpoints import build, write_squad_like_data
@@ -142,22 +142,22 @@ def test_every_nemotron_h_layer_has_the_shapes_its_block_config_asks_for_and_the
     model = load(student, arch)
     config = json.loads((student / "config.json").read_text())
     assert type(model.backbone.layers[0]).__module__.startswith("transformers_modules.")  # the remote-code class
-    kinds = [nemotron_h.block_kind(block) for block in model.backbone.layers]
+    kinds = [nemotron_h_parallel.block_kind(block) for block in model.backbone.layers]
     assert kinds == {"nemotron_h": ["mamba", "attention", "moe", "no_op", "attention", "moe"],
                      "nemotron_h_v2": ["mamba", "attention", "mlp", "no_op", "attention", "mlp"]}[arch]
     for block, spec in zip(model.backbone.layers, config["block_configs"], strict=True):
         attention, ffn, mixer = spec["attention"], spec["ffn"], block.mixer
-        if nemotron_h.block_kind(block) == "attention":
+        if nemotron_h_parallel.block_kind(block) == "attention":
             assert mixer.k_proj.out_features == mixer.v_proj.out_features == attention["num_key_value_heads"] * 16
             assert mixer.q_proj.out_features == 4 * 16
-        elif nemotron_h.block_kind(block) == "mlp":
+        elif nemotron_h_parallel.block_kind(block) == "mlp":
             assert mixer.up_proj.out_features == mixer.down_proj.in_features == ffn["intermediate_size"]
-        elif nemotron_h.block_kind(block) == "moe":
+        elif nemotron_h_parallel.block_kind(block) == "moe":
             moe = ffn["moe"]
             assert len(mixer.experts) == moe["num_local_experts"] == mixer.gate.weight.shape[0]
             assert {e.up_proj.out_features for e in mixer.experts} == {moe["expert_intermediate_dim"]}
             assert mixer.gate.top_k == moe["num_experts_per_tok"]
-        elif nemotron_h.block_kind(block) == "no_op":
+        elif nemotron_h_parallel.block_kind(block) == "no_op":
             assert attention["no_op"] and ffn["no_op"] and not list(block.parameters())
     on_disk, params = checkpoint_tensors(student), model.state_dict()
     assert set(params) == set(on_disk)
@@ -177,7 +177,7 @@ def test_auto_picks_nemotron_h_v2_for_a_dense_checkpoint_and_preflight_accepts_b
     from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory
 
     for arch in ARCHS:
-        assert patch_automodel.resolve_descriptor("auto", ckpts[arch]["student"]) is ModelDescriptorFactory.get(arch)
+        assert descriptors.resolve_descriptor("auto", ckpts[arch]["student"]) is ModelDescriptorFactory.get(arch)
     cfg = run.load_config(run.HERE / "kd.yaml", [tuple(o.split("=", 1)) for o in
                                                  overrides(ckpts, "nemotron_h_v2", tmp_path / "ck")])
     cfg.set_by_dotted("model.anymodel_descriptor", "nemotron_h")  # the MoE descriptor builds a dense one too
@@ -210,7 +210,7 @@ def test_a_checkpoint_without_remote_code_is_refused_before_any_weights(ckpts, t
     copy = shutil.copytree(ckpts["nemotron_h_v2"]["student"], tmp_path / "native")
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "auto_map"}))
-    with pytest.raises(patch_automodel.AnyModelError, match="config.json has no auto_map with AutoConfig"):
+    with pytest.raises(AnyModelError, match="config.json has no auto_map with AutoConfig"):
         load(copy, "nemotron_h_v2")
 
 
@@ -239,7 +239,7 @@ def test_block_configs_a_nemotron_h_build_would_not_follow_are_refused_before_an
     blocks[layer] = {**blocks[layer], **change}
     path = tmp_path / "blocks.json"
     path.write_text(json.dumps(blocks))
-    with pytest.raises(patch_automodel.AnyModelError, match=message):
+    with pytest.raises(AnyModelError, match=message):
         load(ckpts[arch]["student"], arch, block_configs_path=str(path))
 
 
@@ -250,6 +250,6 @@ def test_the_shipped_nemotron_h_block_configs_pass_every_check(ckpts):
 
     for arch in ARCHS:
         student = ckpts[arch]["student"]
-        assert patch_automodel.load_block_configs(student, None, 6, descriptor=arch, num_attention_heads=4)
+        assert descriptors.load_block_configs(student, None, 6, descriptor=arch, num_attention_heads=4)
         config = AutoConfig.from_pretrained(student, trust_remote_code=True)
         nemotron_h.check_block_configs(maybe_cast_block_configs(_blocks(ckpts, arch)), config)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import nemotron_h
-import preflight
+from architectures import nemotron_h_parallel
+from safety import preflight
 import run
 from conftest import (HIDDEN_KD_KEYS, assert_layer_follows_block_config, assert_same_training, parity_run,
                       tiny_overrides)
@@ -28,7 +28,7 @@ from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_pa
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import force_cache_dynamic_modules, save_checkpoint
 from nemo_automodel import NeMoAutoModelForCausalLM
-from patch_automodel import build_descriptor
+from architectures.descriptors import build_descriptor
 from tools.build_checkpoints import NEMOTRON_H_AUTO_MAP, NEMOTRON_H_REMOTE_CODE, build_tokenizer, write_squad_like_data
 
 STEPS = 3
@@ -170,7 +170,7 @@ def test_other_nemotron_h_checkpoint_builds_every_layer_its_block_configs_ask_fo
     model = NeMoAutoModelForCausalLM.from_pretrained(str(student), anymodel_descriptor="nemotron_h",
                                                      torch_dtype=torch.float32)
     layers = model.backbone.layers
-    assert [nemotron_h.block_kind(layer) for layer in layers] == [
+    assert [nemotron_h_parallel.block_kind(layer) for layer in layers] == [
         "mamba", "moe", "attention", "no_op", "attention", "moe", "mamba"]
     assert [layers[i].mixer.k_proj.out_features for i in (2, 4)] == [1 * 16, 3 * 16]
     assert [len(layers[i].mixer.experts) for i in (1, 5)] == [5, 6]

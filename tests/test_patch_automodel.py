@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import patch_automodel
+from architectures import descriptors
+from common.errors import AnyModelError
 from conftest import checkpoint_tensors
 from nemo_automodel import NeMoAutoModelForCausalLM
 from nemo_automodel.components.checkpoint.checkpointing import Checkpointer
@@ -95,11 +97,11 @@ def test_sources_are_read_in_documented_order(ckpts, tmp_path):
     in_config = block_configs_of(student)
     beside = [dict(b, ffn={"intermediate_size": 32}) for b in in_config]
     explicit = [dict(b, ffn={"intermediate_size": 16}) for b in in_config]
-    assert patch_automodel.load_block_configs(student, None, 4) == in_config
+    assert descriptors.load_block_configs(student, None, 4) == in_config
     (student / "block_configs.json").write_text(json.dumps(beside))
-    assert patch_automodel.load_block_configs(student, None, 4) == beside
+    assert descriptors.load_block_configs(student, None, 4) == beside
     (tmp_path / "explicit.json").write_text(json.dumps(explicit))
-    assert patch_automodel.load_block_configs(student, tmp_path / "explicit.json", 4) == explicit
+    assert descriptors.load_block_configs(student, tmp_path / "explicit.json", 4) == explicit
 
 
 def test_plain_hf_checkpoint_loads_with_and_without_a_descriptor(ckpts):
@@ -122,40 +124,40 @@ def test_anymodel_layout_weights_are_the_ones_on_disk(ckpts):
 
 
 def test_unknown_descriptor_lists_the_valid_names(ckpts):
-    with pytest.raises(patch_automodel.AnyModelError, match=r"unknown anymodel_descriptor 'lama'.*llama.*qwen3"):
+    with pytest.raises(AnyModelError, match=r"unknown anymodel_descriptor 'lama'.*llama.*qwen3"):
         load(ckpts["llama"]["student"], anymodel_descriptor="lama")
 
 
 def test_old_and_auto_descriptor_names_resolve():
-    assert patch_automodel.resolve_descriptor("gpt_oss_20b") is ModelDescriptorFactory.get("gpt_oss")
+    assert descriptors.resolve_descriptor("gpt_oss_20b") is ModelDescriptorFactory.get("gpt_oss")
     for name in ModelDescriptorFactory.CLASS_MAPPING:
-        assert patch_automodel.resolve_descriptor(name) is ModelDescriptorFactory.get(name)
+        assert descriptors.resolve_descriptor(name) is ModelDescriptorFactory.get(name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_auto_descriptor_reads_model_type(ckpts, arch):
-    assert patch_automodel.resolve_descriptor("auto", ckpts[arch]["student"]) is ModelDescriptorFactory.get(arch)
+    assert descriptors.resolve_descriptor("auto", ckpts[arch]["student"]) is ModelDescriptorFactory.get(arch)
 
 
 def test_wrong_layer_count_names_the_file(ckpts, tmp_path):
     path = tmp_path / "three.json"
     path.write_text(json.dumps(block_configs_of(ckpts["llama"]["student"])[:3]))
-    with pytest.raises(patch_automodel.AnyModelError, match=r"three.json: 3 block configs .* num_hidden_layers=4"):
+    with pytest.raises(AnyModelError, match=r"three.json: 3 block configs .* num_hidden_layers=4"):
         load(ckpts["llama"]["student"], anymodel_descriptor="llama", block_configs_path=str(path))
 
 
 def test_invalid_json_names_the_file(ckpts, tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"attention": ')
-    with pytest.raises(patch_automodel.AnyModelError, match=r"broken.json is not valid JSON"):
+    with pytest.raises(AnyModelError, match=r"broken.json is not valid JSON"):
         load(ckpts["llama"]["student"], anymodel_descriptor="llama", block_configs_path=str(path))
 
 
 def test_unknown_block_config_field_is_an_error(ckpts, tmp_path):
     path = tmp_path / "typo.json"
     path.write_text(json.dumps([{"attention": {"num_kv_heads": 2}, "ffn": {}}] * 4))
-    with pytest.raises(patch_automodel.AnyModelError, match=r"typo.json: invalid block config.*num_kv_heads"):
-        patch_automodel.load_block_configs(None, path, 4)
+    with pytest.raises(AnyModelError, match=r"typo.json: invalid block config.*num_kv_heads"):
+        descriptors.load_block_configs(None, path, 4)
 
 
 def test_patched_target_still_counts_as_a_nemo_auto_model():

@@ -14,7 +14,7 @@ import mistral_common
 import pytest
 import torch
 
-import preflight
+from safety import preflight
 import run
 from conftest import tiny_overrides, torchrun
 from tools.build_checkpoints import TINY, build_tokenizer, student_block_configs, write_squad_like_data

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import cpu_support
+from common import cpu_support
 import patch_automodel
 from conftest import REPO, checkpoint_tensors
 from nemo_automodel import NeMoAutoModelForCausalLM

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-import preflight
+from safety import preflight
 import run
 from conftest import FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 from tools.build_checkpoints import build, qwen3_vl_block_configs, write_squad_like_data

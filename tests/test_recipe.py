@@ -21,7 +21,7 @@ import sys
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import flops
+from common import flops
 from conftest import (FP32_COMPUTE, REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl,
                       tiny_overrides, torchrun)
 from tools.build_checkpoints import TINY

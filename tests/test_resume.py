@@ -98,7 +98,7 @@ def test_another_student_is_refused_in_one_line_naming_both_before_training(ckpt
 
 
 def test_the_fingerprint_sees_config_block_configs_and_weights_but_not_the_path(ckpts, tmp_path):
-    import resume
+    from safety import resume
 
     original = ckpts["llama"]["student"]
     moved = tmp_path / "moved"

@@ -222,7 +222,7 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(ckpts, tmp_pa
 
 def test_print_config_stops_on_what_preflight_refuses(ckpts, capsys):
     import patch_automodel
-    import preflight
+    from safety import preflight
 
     paths = ckpts["llama"]
     try:

@@ -26,7 +26,7 @@ from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_pa
 from modelopt.torch.puzzletron.block_config import maybe_cast_block_configs
 from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import save_checkpoint
 
-from patch_automodel import build_descriptor
+from architectures.descriptors import build_descriptor
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 

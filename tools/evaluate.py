@@ -142,19 +142,20 @@ def read_config(path: Path, name: str) -> dict:
 
 def descriptor_for(path: Path, name: str, config: dict, anymodel_descriptor: str) -> str | None:
     """``anymodel_descriptor`` for a checkpoint with block configs (checked against them), None for a plain one."""
-    import patch_automodel
+    from architectures import descriptors
+    from common.errors import AnyModelError
 
     try:
-        if patch_automodel.load_block_configs(path, None, None) is None:
+        if descriptors.load_block_configs(path, None, None) is None:
             return None
         with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints what `auto` detects
-            patch_automodel.resolve_descriptor(anymodel_descriptor, path)
+            descriptors.resolve_descriptor(anymodel_descriptor, path)
         text_config = _text_config(config)
-        patch_automodel.load_block_configs(
+        descriptors.load_block_configs(
             path, None, text_config.get("num_hidden_layers"),
             descriptor=None if anymodel_descriptor == "auto" else anymodel_descriptor,
             num_attention_heads=text_config.get("num_attention_heads"), model_config=text_config)
-    except patch_automodel.AnyModelError as e:
+    except AnyModelError as e:
         raise EvaluateError(f"{name} {path}: {e}") from None
     return anymodel_descriptor
 
@@ -198,7 +199,7 @@ def load_tokenizer(path: str | os.PathLike, name: str):
     """The tokenizer saved in ``path`` (``name`` says whose it is in the error)."""
     from transformers import AutoTokenizer
 
-    from preflight import TOKENIZER_FILES
+    from safety.preflight import TOKENIZER_FILES
 
     if not any((Path(path) / file).is_file() for file in TOKENIZER_FILES):
         raise EvaluateError(f"{name} {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR "

@@ -1,0 +1,1 @@
+"""Everything architecture-specific, behind one interface (``interface.py``) and one table (``registry.py``)."""
