@@ -36,16 +36,16 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - Validation under PP: ``val_loss``, ``ce_loss``, ``kd_loss`` every ``step_scheduler.val_every_steps``,
       written to ``<checkpoint_dir>/validation.jsonl`` as without PP.
     - ``mfu`` in every training record: student forward + backward and teacher forward FLOPs counted
-      layer by layer (``flops.py``), over the GPU's peak (or ``mfu_peak_tflops``); null where no peak
+      layer by layer (``common/flops.py``), over the GPU's peak (or ``mfu_peak_tflops``); null where no peak
       is known. The console line shows every logged metric, ``grad_norm`` and ``tps_per_gpu`` included.
     - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``).
     - Fused linear KD (``fused_linear_loss: true``, kd.yaml's default; ``false`` or absent: AutoModel's logits
       path): student and teacher stop at their final hidden states and ``FusedLinearKDLoss`` computes CE and KD
       from them and the LM-head weights, chunk by chunk, so no ``[tokens, vocab]`` logits exist; same losses,
-      logs and normalisation, under FSDP2, TP, SP and PP (``fused_kd_forward.py``). At ``kd_ratio: 0`` KD is
+      logs and normalisation, under FSDP2, TP, SP and PP (``distillation/fused_kd_forward.py``). At ``kd_ratio: 0`` KD is
       not computed (``kd_loss`` is logged as 0, as ``ce_loss`` is at ``kd_ratio: 1``) and, without PP and
       without ``hidden_kd``, the teacher does not run.
-    - Hidden-state KD (``hidden_kd.weight > 0``, ``hidden_kd.py``): ``weight * H`` added to the loss, each student
+    - Hidden-state KD (``hidden_kd.weight > 0``, ``distillation/hidden_kd.py``): ``weight * H`` added to the loss, each student
       layer's term entering the backward at that layer (under PP, in its own stage); ``hidden_loss`` logged in
       ``training.jsonl``, ``validation.jsonl`` and on the console, and ``loss`` / ``val_loss`` include the term.
     """

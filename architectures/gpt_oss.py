@@ -139,7 +139,7 @@ class ShardExperts(ParallelStyle):
 
 
 def tp_plan(sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
-    """GPT-OSS's TP plan, with the ``model.layers.*`` wildcards ``tp_plan.per_layer_tp_plan`` expands.
+    """GPT-OSS's TP plan, with the ``model.layers.*`` wildcards ``tensor_parallel.per_layer_tp_plan`` expands.
 
     Attention and norms are AutoModel's Llama entries (GPT-OSS's projections have the same names and
     biases, which column-parallel styles shard with their rows); its MLP entries are replaced by

@@ -333,7 +333,7 @@ def check_builds_as_causal_lm(cfg, ckpt: Checkpoint) -> None:
     transformers' causal-LM mapping (or a remote-code ``auto_map`` entry). Image-text checkpoints
     (e.g. Mistral-Small 3.1: ``mistral3``) are not among them and would fail in the build ("Unrecognized
     configuration class"), after the process group is up; Qwen3-VL-MoE (``qwen3_vl_moe``) is built with
-    AutoModel's image-text class instead (``qwen3_vl.py``). Model types transformers knows as neither
+    AutoModel's image-text class instead (``architectures/qwen3_vl.py``). Model types transformers knows as neither
     are left to the build.
     """
     from transformers.models.auto.modeling_auto import (

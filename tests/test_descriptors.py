@@ -35,7 +35,7 @@ GPT_OSS_RUNS = {
     "pretrain_single_process": ("pretrain", 1, [], "window_16"),
     "pretrain_pp2": ("pretrain", 2, PP, "window_16"),
 }
-# The dense descriptors share Llama's code paths (tp_plan.py, AutoModel's pipeline split); a data-parallel
+# The dense descriptors share Llama's code paths (architectures/tensor_parallel.py, AutoModel's pipeline split); a data-parallel
 # run, one with every split of a layer (TP + SP) and one pipeline run each show their models take them.
 DENSE_RUNS = {"single_process": ("kd", 1, []), "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"]),
               "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP), "pretrain_pp2": ("pretrain", 2, PP)}

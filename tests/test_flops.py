@@ -1,4 +1,4 @@
-"""flops.py: model FLOPs follow each layer's own shapes (hand-counted for the tiny heterogeneous student)."""
+"""common/flops.py: model FLOPs follow each layer's own shapes (hand-counted for the tiny heterogeneous student)."""
 
 import pytest
 
