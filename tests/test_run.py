@@ -136,7 +136,7 @@ def test_with_cuda_present_nothing_is_patched_for_cpu():
         "from nemo_automodel._transformers import auto_model; infra = auto_model.apply_model_infrastructure\n"
         "from nemo_automodel.components.models.common import utils as model_utils\n"
         "rms_norm = model_utils._float32_rms_norm_fwd\n"
-        "import run, cpu_support\n"
+        "import run\nfrom common import cpu_support\n"
         "assert run.setup_runtime() is False\n"
         "assert not cpu_support.is_applied()\n"
         "assert originals == (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.max_memory_allocated,"
@@ -152,7 +152,7 @@ def test_with_cuda_present_nothing_is_patched_for_cpu():
 
 def test_cpu_support_refuses_to_patch_a_cuda_machine():
     code = (
-        "import torch, cpu_support\n"
+        "import torch\nfrom common import cpu_support\n"
         "torch.cuda.is_available = lambda: True\n"
         "cpu_support.apply()\n"
     )
