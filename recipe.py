@@ -15,7 +15,7 @@ from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
 from common import flops
-from distillation import fused_kd_forward, hidden_kd
+from distillation import fused_kd_forward, hidden_kd, teacher_cache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,13 +48,27 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - Hidden-state KD (``hidden_kd.weight > 0``, ``distillation/hidden_kd.py``): ``weight * H`` added to the loss, each student
       layer's term entering the backward at that layer (under PP, in its own stage); ``hidden_loss`` logged in
       ``training.jsonl``, ``validation.jsonl`` and on the console, and ``loss`` / ``val_loss`` include the term.
+    - KD from a teacher cache (``teacher_cache.path``, built by ``--mode teacher_cache``): no teacher is built;
+      each batch's sparse teacher entries are looked up by sample (``distillation/teacher_cache.py``) and the
+      fused loss computes forward KL from them (``distillation/cached_kd.py``), in training and validation.
     """
 
     def setup(self):
-        """The parent's setup (preflight has checked the ``fused_linear_loss`` settings)."""
+        """The parent's setup (preflight has checked the ``fused_linear_loss`` settings), or with
+        ``teacher_cache.path`` its student side only."""
         self.fused_linear_loss = bool(self.cfg.get("fused_linear_loss", False))
         self.hidden_kd = None
-        super().setup()
+        self.teacher_cache = None
+        if self.cfg.get("teacher_cache.path", None) is None:
+            super().setup()
+            return
+        TrainFinetuneRecipeForNextTokenPrediction.setup(self)
+        self.teacher_model = self.teacher_pp = None
+        self._offload_teacher_model = False
+        self.teacher_cache = teacher_cache.TeacherCache(self.cfg.get("teacher_cache.path"))
+        self._setup_kd_state()
+        if self.pp_enabled:
+            self.pp.info.schedule._loss_fn = self._make_pp_kd_loss_wrapper()
 
     def _setup_kd_state(self) -> None:
         """The parent's KD state (``kd_loss_fn``, ``kd_ratio``, loss buffers), plus the fused loss built from them.
@@ -68,14 +82,16 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             return
         if self.pp_enabled:
             student = fused_kd_forward.last_stage_part(self.model_parts, self.pp.info.stages)
-            teacher = fused_kd_forward.last_stage_part(self.teacher_model.parts, self.teacher_pp.info.stages)
+            teacher = None if self.teacher_pp is None else fused_kd_forward.last_stage_part(
+                self.teacher_model.parts, self.teacher_pp.info.stages)
             for part in (student, teacher):
                 if part is not None:
                     fused_kd_forward.return_hidden_states_from_last_stage(part)
         else:
             student, teacher = self.model_parts[0], self.teacher_model
-            fused_kd_forward.check_model(student, "student")
-            fused_kd_forward.check_model(teacher, "teacher")
+            for model, role in ((student, "student"), (teacher, "teacher")):
+                if model is not None:
+                    fused_kd_forward.check_model(model, role)
         # PP ranks without the last stage never call the loss.
         tp_group = None if student is None else fused_kd_forward.vocab_shard_group(student, teacher)
         self.fused_kd_loss = fused_kd_forward.build_loss(self.kd_loss_fn, self.loss_fn, self.kd_ratio, tp_group)
@@ -123,6 +139,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         if not self.fused_linear_loss:
             return super()._forward_backward_step(
                 idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
+        teacher_targets = None
+        if self.teacher_cache is not None and self.kd_ratio > 0:
+            teacher_targets = self.teacher_cache.batch_targets(batch)
         batch = {k: v.to(self.dist_env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -136,7 +155,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             sync_ctx = get_sync_ctx(student, idx == num_batches - 1, defer_fsdp_grad_sync=defer)
         with train_ctx(), sync_ctx:
             teacher_inputs = (None, None)
-            if self.kd_ratio > 0 or self.hidden_kd is not None:
+            if teacher is not None and (self.kd_ratio > 0 or self.hidden_kd is not None):
                 with ScopedModuleOffloading(teacher, enabled=self._offload_teacher_model), torch.no_grad():
                     teacher_hidden = fused_kd_forward.final_hidden_states(teacher, batch)
                     if self.kd_ratio > 0:
@@ -145,7 +164,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 student, fused_kd_forward.final_hidden_states(student, batch),
                 grad_reduce_group=self._get_dp_group(include_cp=True) if is_train else None)
             loss, ce_loss, kd_loss = self.fused_kd_loss(
-                *student_inputs, *teacher_inputs, labels, num_batch_labels=num_label_tokens)
+                *student_inputs, *teacher_inputs, labels, num_batch_labels=num_label_tokens,
+                teacher_targets=teacher_targets)
             if is_train:
                 (loss * self._get_dp_group_size(include_cp=True)).backward()
         return loss.detach(), kd_loss, ce_loss
@@ -180,7 +200,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         if not hasattr(self, "_flop_coefficients"):
             pp_group = self.device_mesh["pp"].get_group() if self.pp_enabled else None
             teacher = self.teacher_model
-            teacher_parts = getattr(teacher, "parts", [teacher])
+            teacher_parts = [] if teacher is None else getattr(teacher, "parts", [teacher])  # none with a cache
             self._flop_coefficients = (flops.forward_flop_coefficients(self.model_parts, pp_group),
                                        flops.forward_flop_coefficients(teacher_parts, pp_group))
         seq_len = max(batch["input_ids"].shape[-1] for batch in batches)
@@ -234,11 +254,16 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         student, teacher = self._fused_lm_head_parts
 
         def pp_fused_kd_loss_fn(hidden, target, **kwargs):
-            teacher_inputs = fused_kd_forward.lm_head_inputs(teacher, self._current_teacher_logits.pop(0))
+            teacher_inputs, teacher_targets = (None, None), None
+            if self.teacher_cache is not None:
+                teacher_targets = self._current_teacher_targets.pop(0) if self.kd_ratio > 0 else None
+            else:
+                teacher_inputs = fused_kd_forward.lm_head_inputs(teacher, self._current_teacher_logits.pop(0))
             student_inputs = fused_kd_forward.lm_head_inputs(
                 student, hidden, grad_reduce_group=self._get_dp_group(include_cp=True))
             labels = fused_kd_forward.loss_labels(target, self.loss_fn)
-            loss, ce_loss, kd_loss = self.fused_kd_loss(*student_inputs, *teacher_inputs, labels, num_batch_labels=1)
+            loss, ce_loss, kd_loss = self.fused_kd_loss(*student_inputs, *teacher_inputs, labels, num_batch_labels=1,
+                                                        teacher_targets=teacher_targets)
             self._ce_loss_buffer.append(ce_loss)
             self._kd_loss_buffer.append(kd_loss)
             return loss
@@ -256,10 +281,30 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self._begin_hidden_kd(batch["labels"], self.pipeline_config.pp_microbatch_size,
                               1.0 if kwargs.get("is_train", True) else 0.0)
         self.pp.update_seq_len(seq_len)
+        if self.teacher_cache is not None:
+            return self._cached_forward_backward_step_pp(batch, **kwargs)
         if self.teacher_pp is not None:
             self.teacher_pp.update_seq_len(seq_len)
         with _inference_mode_as_no_grad():
             return super()._forward_backward_step_pp(idx, batch, **kwargs)
+
+    def _cached_forward_backward_step_pp(self, batch, *, loss_buffer, num_label_tokens, num_batches, is_train=True):
+        """The parent's PP step with the teacher's run replaced by the cache: the last stage's loss takes one
+        microbatch's entries per call (``_current_teacher_targets``), in schedule order."""
+        if self.pp.info.has_last_stage and self.kd_ratio > 0:
+            self._current_teacher_targets = self.teacher_cache.batch_targets(
+                batch, self.pipeline_config.pp_microbatch_size)
+        batch = {k: v.to(self.dist_env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        labels, input_ids = batch.pop("labels"), batch.pop("input_ids")
+        rest = {k: v for k, v in batch.items() if v is not None and not (isinstance(v, dict) and not v)}
+        targets = labels.clone() if self.pp.info.has_last_stage else None
+        losses = [] if self.pp.info.has_last_stage else None
+        schedule = self.pp.info.schedule
+        inputs = (input_ids,) if self.pp.info.has_first_stage else ()
+        (schedule.step if is_train else schedule.eval)(*inputs, target=targets, losses=losses, **rest)
+        loss_buffer.append(torch.stack(losses).sum().detach() if self.pp.info.has_last_stage
+                           else torch.tensor(0.0, device=self.dist_env.device))
 
     def _run_student_train_validation_loop(self):
         """AutoModel's training loop, validation included, whatever the parallelism."""

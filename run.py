@@ -1,4 +1,5 @@
-"""Entry point: distill (``--mode kd``) or train (``--mode pretrain``) AnyModel checkpoints with AutoModel.
+"""Entry point: distill (``--mode kd``) or train (``--mode pretrain``) AnyModel checkpoints with AutoModel, or
+run a teacher once over the KD data into a teacher cache (``--mode teacher_cache``) that KD then reads.
 
     torchrun --nproc_per_node=2 -m run --mode kd -c kd.yaml \\
         model.pretrained_model_name_or_path=/ckpts/student model.anymodel_descriptor=llama \\
@@ -23,8 +24,8 @@ import yaml
 from safety import resume
 
 HERE = Path(__file__).resolve().parent
-MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml"}
-USAGE = ("usage: python -m run --mode {kd,pretrain} [-c CONFIG] [--print-config] "
+MODES = {"kd": "kd.yaml", "pretrain": "pretrain.yaml", "teacher_cache": "kd.yaml"}
+USAGE = ("usage: python -m run --mode {kd,pretrain,teacher_cache} [-c CONFIG] [--print-config] "
          "[key=value | --key=value | --key value ...]")
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
@@ -37,9 +38,13 @@ modes:
   --mode kd         the student learns from a teacher: loss = (1 - kd_ratio) * CE + kd_ratio * KD
                     (+ hidden_kd.weight * H, with hidden-state KD)
   --mode pretrain   the student alone, AutoModel's fine-tuning recipe
+  --mode teacher_cache
+                    run teacher_model once over the KD data and write a sparse teacher cache to
+                    teacher_cache.path; then --mode kd with teacher_cache.path distills from it, no teacher loaded
 
 options:
-  -c, --config CONFIG   the YAML config (default: {MODES['kd']} for kd, {MODES['pretrain']} for pretrain)
+  -c, --config CONFIG   the YAML config (default: {MODES['kd']} for kd and teacher_cache, {MODES['pretrain']} for
+                        pretrain)
   --print-config        print the config this command line resolves to (overrides applied, the CPU backend
                         switch included) as YAML, after the checks a real run makes, and exit; starts no
                         process group, loads no weights, writes nothing
@@ -208,7 +213,7 @@ def prepare(argv: list[str]):
         cfg.set_by_dotted("kd_loss_fn._target_", "loss.KDLoss")
     from safety import preflight
 
-    preflight.check(cfg, mode)
+    cache_settings = preflight.check(cfg, mode)
     restore_from = resume.restore_target(cfg)
     if restore_from is not None:
         # This student's own checkpoint (preflight compared them): AutoModel would compare path strings.
@@ -220,6 +225,12 @@ def prepare(argv: list[str]):
 
     if mode == "kd":
         from recipe import KnowledgeDistillationRecipeForNextTokenPrediction as Recipe
+    elif mode == "teacher_cache":
+        from functools import partial
+
+        from distillation.teacher_cache_build import TeacherCacheRecipe
+
+        Recipe = partial(TeacherCacheRecipe, settings=cache_settings)
     else:
         from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction as Recipe
     return Recipe, cfg
@@ -265,7 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     Recipe, cfg = prepare(argv)
     lock = None
-    if cfg.get("checkpoint.enabled", True) and cfg.get("checkpoint.checkpoint_dir", None):
+    if parse_argv(argv)[0] == "teacher_cache":  # one build per cache directory
+        from safety.checkpoint_lock import CheckpointDirLock
+
+        lock = CheckpointDirLock(cfg.get("teacher_cache.path")).acquire()
+    elif cfg.get("checkpoint.enabled", True) and cfg.get("checkpoint.checkpoint_dir", None):
         from safety.checkpoint_lock import CheckpointDirLock
 
         lock = CheckpointDirLock(cfg.get("checkpoint.checkpoint_dir")).acquire()

@@ -73,8 +73,10 @@ def write_config(path: Path, seq: int) -> Path:
     return path
 
 
-def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher: Path, out: Path) -> dict:
-    recipe, extra = PATHS[path_name]
+def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher: Path, out: Path,
+             paths: dict = PATHS) -> dict:
+    """One path's KD run (``paths[path_name]``: recipe and overrides); its peak, median step time and mfu."""
+    recipe, extra = paths[path_name]
     config = write_config(out.with_suffix(".yaml"), seq)
     overrides = [
         f"model.pretrained_model_name_or_path={student}", f"teacher_model.pretrained_model_name_or_path={teacher}",

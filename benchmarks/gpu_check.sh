@@ -29,4 +29,8 @@ fi
 "$PY" benchmarks/kd_loss.py "${LOSS[@]}" --output "$OUT/kd_loss.md"
 # The loss stage alone from hidden states (GPT-OSS's head): fused vs logits paths vs Liger's fused linear JSD.
 "$PY" benchmarks/fused_linear_loss.py "${HEAD[@]}" --output "$OUT/fused_linear_loss.md"
+if [[ "${1:-}" != "--dry-run" ]]; then
+    # KD from a teacher cache vs online KD vs CE only, bf16, GPT-OSS's vocabulary (the dry run skips it: CI time).
+    "$PY" benchmarks/cached_kd_step.py --dtype bfloat16 --procs 1 --vocab 201088 --seq 2048 8192 --output "$OUT/cached_kd_step.md"
+fi
 echo "tables: $OUT/kd_step.md $OUT/kd_loss.md $OUT/fused_linear_loss.md"

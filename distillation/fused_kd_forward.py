@@ -133,11 +133,14 @@ def replicated_hidden_states(hidden) -> torch.Tensor:
     return hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
 
 
-def vocab_shard_group(student: nn.Module, teacher: nn.Module) -> "dist.ProcessGroup | None":
-    """The ``tp`` group both LM heads' vocabulary rows are split over; None when every rank holds all rows.
+def vocab_shard_group(student: nn.Module, teacher: "nn.Module | None") -> "dist.ProcessGroup | None":
+    """The ``tp`` group both LM heads' vocabulary rows are split over (the student's alone for a cached teacher,
+    ``teacher`` None); None when every rank holds all rows.
 
     Raises :class:`FusedLinearLossError` when one head is split and the other is not (the loss pairs rows).
     """
+    if teacher is None:
+        return _tp_group(get_lm_head_module(student).weight)
     student_group, teacher_group = (_tp_group(get_lm_head_module(m).weight) for m in (student, teacher))
     if (student_group is None) != (teacher_group is None):
         layouts = [getattr(get_lm_head_module(m).weight, "placements", "whole") for m in (student, teacher)]

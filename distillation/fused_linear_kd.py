@@ -36,6 +36,9 @@ it is None, the number of such tokens (at least 1):
   with its divergences (``forward_kl``, ``reverse_kl``, ``jsd`` with ``beta``; ``beta`` 0 and 1 mean
   forward and reverse KL) and its closed-form gradients, whose kernels this module reuses.
 
+With ``teacher_targets`` (a cached teacher, ``cached_kd.SparseTargets``, one entry per label token) in place
+of the teacher's hidden states and weight, KD is ``cached_kd.cached_forward_kl``: forward KL only.
+
 At ``kd_ratio == 1`` CE is skipped (``ce_loss`` is 0); at ``kd_ratio == 0`` the teacher is not projected
 at all (``kd_loss`` is 0). Logits are computed in the inputs' dtype, as the LM head would, and upcast to
 at least fp32 for the math; the weight gradient is accumulated over chunks in that compute dtype.
@@ -58,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distillation.cached_kd import SparseTargets, cached_forward_kl
 from loss import _AUTO_CHUNK_ELEMENTS, _KERNELS, DIVERGENCES, DTensor, _all_reduce, _shift_by_global_max
 
 # Fewest tokens per chunk when chunk_size is automatic. Unlike loss.py's chunks, each of these re-reads both
@@ -84,8 +88,8 @@ class FusedLinearKDLoss(nn.Module):
         tp_group: Process group over which the vocabulary rows of both weights are sharded; None or a
             group of size 1 means whole weights.
 
-    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, num_batch_labels=None)``
-    returns ``(loss, ce_loss, kd_loss)``; shapes and placements are in the module docstring. An all-masked
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, num_batch_labels=None,
+    teacher_targets=None)`` returns ``(loss, ce_loss, kd_loss)``; shapes and placements are in the module docstring. An all-masked
     batch gives zeros and zero gradients, still connected to the graph.
     """
 
@@ -136,6 +140,7 @@ class FusedLinearKDLoss(nn.Module):
         teacher_weight: "torch.Tensor | None",
         labels: torch.Tensor,
         num_batch_labels: "int | torch.Tensor | None" = None,
+        teacher_targets: "SparseTargets | None" = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         name = type(self).__name__
         use_ce, use_kd = self.kd_ratio < 1.0, self.kd_ratio > 0.0
@@ -150,7 +155,10 @@ class FusedLinearKDLoss(nn.Module):
         if labels.numel() != h_s.shape[0]:
             raise ValueError(f"{name}: {labels.numel()} labels for {h_s.shape[0]} tokens of student hidden states")
         h_t = w_t = None
-        if use_kd:
+        cached = use_kd and teacher_targets is not None
+        if cached and self.divergence != "forward_kl":
+            raise ValueError(f"{name}: a cached teacher gives forward KL only, not {self.divergence}")
+        if use_kd and not cached:
             if teacher_hidden is None or teacher_weight is None:
                 raise ValueError(f"{name}: kd_ratio={self.kd_ratio} needs teacher_hidden and teacher_weight")
             h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
@@ -175,10 +183,12 @@ class FusedLinearKDLoss(nn.Module):
                 bad = labels[out_of_range][0].item()
                 raise ValueError(f"{name}: label {bad} is outside the vocabulary [0, {global_vocab})")
         rows = valid.nonzero().squeeze(1)
+        if cached and len(teacher_targets) != rows.numel():
+            raise ValueError(f"{name}: {len(teacher_targets)} cached teacher entries for {rows.numel()} label tokens")
         denominator = float(num_batch_labels) if num_batch_labels is not None else float(max(rows.numel(), 1))
 
         compute_dtype = torch.promote_types(student_weight.dtype, torch.float32)
-        if use_kd:
+        if use_kd and not cached:
             compute_dtype = torch.promote_types(compute_dtype, w_t.dtype)
         divergence, beta = self.divergence, self.beta
         if divergence == "jsd" and beta in (0.0, 1.0):
@@ -194,9 +204,12 @@ class FusedLinearKDLoss(nn.Module):
             w_t,
             rows,
             labels.index_select(0, rows) - vocab_offset,
+            teacher_targets.to(h_s.device, compute_dtype) if cached else None,
             SimpleNamespace(
                 use_ce=use_ce,
                 use_kd=use_kd,
+                cached=cached,
+                vocab_offset=vocab_offset,
                 kd_ratio=self.kd_ratio,
                 term_scale=term_scale,
                 ce_scale=(1.0 - self.kd_ratio) * term_scale,  # of each term's token sum in the returned loss
@@ -253,7 +266,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, rows, local_targets, cfg):
+    def forward(ctx, h_s, w_s, h_t, w_t, rows, local_targets, teacher_targets, cfg):
         n_tokens, dt = h_s.shape[0], cfg.compute_dtype
         cfg.needs_grad = cfg.grad_hidden or cfg.grad_weight  # read by loss.py's kernels
         grad_h = grad_w = grad_w_acc = None
@@ -276,7 +289,9 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             w = work.views(n)
             hs_chunk = h_s.index_select(0, idx)
             work.project(hs_chunk, w_s, w.a)
-            if cfg.use_kd:
+            if cfg.cached:
+                _shift_student_by_global_max(w, cfg)
+            elif cfg.use_kd:
                 work.project(h_t.index_select(0, idx), w_t, w.b)
                 _shift_by_global_max(w, cfg)  # a, b <- (logits - row max) / T; ea, eb <- their exps
 
@@ -285,7 +300,11 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                 ce_per_token, grad = _cross_entropy(w, local_targets[start : start + n], cfg)
                 ce_tokens[start : start + n] = ce_per_token
             if cfg.use_kd:
-                kd_per_token, kd_grad = kd_kernel(w, cfg)
+                if cfg.cached:
+                    chunk_targets = teacher_targets.select(slice(start, start + n))
+                    kd_per_token, kd_grad = cached_forward_kl(w, chunk_targets, cfg.vocab_offset, cfg)
+                else:
+                    kd_per_token, kd_grad = kd_kernel(w, cfg)
                 kd_tokens[start : start + n] = kd_per_token
                 if cfg.needs_grad:
                     kd_grad.mul_(cfg.kd_scale)
@@ -320,7 +339,16 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                 "FusedLinearKDLoss: backward ran twice through one loss; the first consumed its stored gradients"
             )
         grad_h, grad_w = (None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _shift_student_by_global_max(w, cfg):
+    """``a <- (logits - max) / T`` over the whole (sharded) vocabulary and ``ea <- exp(a)``, for a cached teacher."""
+    row_max = _all_reduce(w.a.amax(-1), cfg.group, dist.ReduceOp.MAX)
+    w.a.sub_(row_max[:, None])
+    if cfg.temperature != 1.0:
+        w.a.mul_(1.0 / cfg.temperature)
+    torch.exp(w.a, out=w.ea)
 
 
 def _cross_entropy(w, targets, cfg):
@@ -365,8 +393,10 @@ class _Workspace:
         self.a = buf()
         self.b = self.ea = self.eb = self.m = self.c = self.grad_h = None
         if cfg.use_kd:
-            self.b, self.ea, self.eb = buf(), buf(), buf()
-            self.m = buf() if cfg.divergence == "jsd" else None
+            self.ea = buf()
+            if not cfg.cached:  # the cached teacher's entries need no teacher logits
+                self.b, self.eb = buf(), buf()
+                self.m = buf() if cfg.divergence == "jsd" else None
             self.c = buf() if cfg.use_ce else None
         self.stage = {t.dtype: None for t in (w_s, w_t) if t is not None and t.dtype != dt}
         self.stage = {dtype: buf(dtype) for dtype in self.stage}

@@ -20,12 +20,13 @@ from common.checkpoint import Checkpoint
 from common.errors import AnyModelError, PreflightError
 from distillation import fused_kd_forward, hidden_kd
 from loss import DIVERGENCES
-from safety import resume
+from safety import resume, teacher_cache_checks
 
 # Keys that must name a checkpoint before anything is built, per mode.
 REQUIRED_PATHS = {
     "kd": ("model.pretrained_model_name_or_path", "teacher_model.pretrained_model_name_or_path"),
     "pretrain": ("model.pretrained_model_name_or_path",),
+    "teacher_cache": ("teacher_model.pretrained_model_name_or_path", "teacher_cache.path"),
 }
 # tekken.json alone is what ModelOpt's copy_tokenizer writes for a Mistral child (transformers 5 + mistral-common).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
@@ -39,44 +40,55 @@ STEP_KEYS = ("step_scheduler.global_batch_size", "step_scheduler.local_batch_siz
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own cap on the JSON header
 
 
-def check(cfg, mode: str, world_size: int | None = None) -> None:
+def check(cfg, mode: str, world_size: int | None = None) -> dict | None:
     """Raise :class:`PreflightError` for the first setting or file that cannot work.
 
-    ``world_size`` defaults to the ``WORLD_SIZE`` that torchrun exports (1 without torchrun).
+    ``world_size`` defaults to the ``WORLD_SIZE`` that torchrun exports (1 without torchrun). For
+    ``--mode teacher_cache``, returns the settings the cache's manifest will hold.
     """
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "kd" and cfg.get("teacher_model", None) is None:
+    cached = mode == "kd" and cfg.get("teacher_cache.path", None) is not None
+    if mode == "kd" and cfg.get("teacher_model", None) is None and not cached:
         raise PreflightError("the config has no teacher_model section, which --mode kd needs (with kd_ratio and "
                              "kd_loss_fn): start from kd.yaml, or train without a teacher with --mode pretrain")
     for key in REQUIRED_PATHS[mode]:
-        if cfg.get(key, None) is None:
-            raise PreflightError(f"{key} is not set; pass {key}=/path/to/checkpoint")
-    if mode == "kd":
+        if cfg.get(key, None) is None and not (cached and key.startswith("teacher_model.")):
+            what = "cache" if key == teacher_cache_checks.KEY else "checkpoint"
+            raise PreflightError(f"{key} is not set; pass {key}=/path/to/{what}")
+    if mode in ("kd", "teacher_cache"):
         check_kd_config(cfg)
     check_numbers(cfg)
     check_parallel_sizes(cfg, world_size)
     check_packing(cfg)
 
-    needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
-    student = read_checkpoint(cfg, "model", needs_tokenizer=mode == "kd" or needs_student_tokenizer)
-    check_anymodel(cfg, student)
-    models = [student]
-    if mode == "kd":
+    models, student, teacher = [], None, None
+    if mode != "teacher_cache":
+        needs_student_tokenizer = cfg.get("dataset.tokenizer", None) is None
+        student = read_checkpoint(cfg, "model", needs_tokenizer=mode == "kd" or needs_student_tokenizer)
+        check_anymodel(cfg, student)
+        models.append(student)
+    if mode == "teacher_cache" or (mode == "kd" and cfg.get("teacher_model.pretrained_model_name_or_path", None)):
         teacher = read_checkpoint(cfg, "teacher_model", needs_tokenizer=True)
         check_anymodel(cfg, teacher)
-        check_same_vocabulary(student, teacher)
+        if student is not None:
+            check_same_vocabulary(student, teacher)
         models.append(teacher)
     for model in models:
         check_weight_files(model)
         check_fits_parallelism(cfg, model)
     for section in ("dataset", "validation_dataset"):
         check_dataset(cfg, section)
+    if mode == "teacher_cache":
+        return teacher_cache_checks.check_build(cfg, teacher)
     if mode == "kd" and cfg.get("fused_linear_loss", False):
         fused_kd_forward.check_config(cfg)
+    if cached:
+        teacher_cache_checks.check_read(cfg, student)
     if mode == "kd":
         hidden_kd.check_config(cfg, student, teacher)
     resume.check_same_student(cfg)
+    return None
 
 
 def check_kd_config(cfg) -> None:

@@ -22,48 +22,23 @@ clusters hit:
 """
 
 import glob
-import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
 
+from common import checkpoint
 from common.errors import PreflightError
 
 STUDENT_FILE = "student.json"
-SAMPLES_PER_FILE = 16
-SAMPLE_BYTES = 4096
-# config.json fields that say where and with what a checkpoint was saved, not what it is.
-VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "name_or_path")
 
 
 def fingerprint(path: str | os.PathLike, block_configs_path: str | os.PathLike | None = None) -> str:
     """A hash of what the checkpoint at ``path`` is: config, block configs, weights (see the module docstring)."""
     from architectures.descriptors import load_block_configs
 
-    root = Path(path)
-    digest = hashlib.sha256()
-    config = json.loads((root / "config.json").read_text())
-    digest.update(json.dumps({k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS},
-                             sort_keys=True).encode())
-    blocks = load_block_configs(root, block_configs_path, None)
-    digest.update(json.dumps(blocks, sort_keys=True).encode())
-    for file in _weight_files(root):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(root)}:{size}".encode())
-        with open(file, "rb") as f:
-            for i in range(SAMPLES_PER_FILE):
-                f.seek(i * max(size - SAMPLE_BYTES, 0) // max(SAMPLES_PER_FILE - 1, 1))
-                digest.update(f.read(SAMPLE_BYTES))
-    return digest.hexdigest()
-
-
-def _weight_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        return [root / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return sorted(root.glob("*.safetensors"))
+    return checkpoint.fingerprint(path, load_block_configs(path, block_configs_path, None))
 
 
 def _student(cfg) -> tuple[str, str | None]:

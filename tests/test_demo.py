@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import checkpoint_tensors, read_jsonl
-from tools import demo
+from tools import demo, demo_data
 from tools.prune_student import prune
 
 pytestmark = pytest.mark.usefixtures("unpatch_automodel_after_module")
@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     """A demo-sized teacher (random), its pruned student, and a 2-step KD run with a consolidated export."""
     root = tmp_path_factory.mktemp("demo")
     data = root / "data"
-    demo.write_data(data)
+    demo_data.write_data(data)
     teacher = demo.write_random_teacher(root / "teacher", data / "tokenizer")
     student = prune(teacher, demo.STUDENT_BLOCKS, root / "student")
     run = dict(steps=2, lr=1e-3, warmup=1, global_batch=4, local_batch=2, val_every=2)

@@ -16,7 +16,12 @@ to rerun it and everything after it):
 4. ``student_ce``, ``student_kd`` and ``student_kd_hidden``: ``--mode kd`` from the same student, data and
    steps (:data:`STUDENT_RUNS`): ``kd_ratio=0`` (cross-entropy only), :data:`KD_RATIO`, and :data:`KD_RATIO` plus
    hidden-state KD (:data:`HIDDEN_KD`), on the first ``STUDENT_RUN["train_rows"]`` train rows.
-5. ``results.json``, a table on stdout and ``loss_curves.png``: validation CE of every model.
+5. ``cache_sampled`` and ``cache_topk``: ``--mode teacher_cache`` over the same data (:data:`CACHES`), and
+   ``student_kd_cache_sampled`` / ``student_kd_cache_topk``: ``student_kd`` again, from each cache, no teacher loaded.
+6. ``candidate_b_init`` (:data:`CANDIDATE_B_BLOCKS`) and ``tournament``: ``tools.tournament`` ranks it and the
+   first student after :data:`TOURNAMENT_STEPS` KD steps each from the sampled cache.
+7. ``results.json``, the tables on stdout and ``loss_curves.png``: validation CE of every model, what each cache
+   costs on disk and per step, and the tournament's ranking.
 
 Each training run writes a consolidated Hugging Face checkpoint (``checkpoint.save_consolidated``),
 which is what the evaluation (``tools.evaluate``, as a user runs it on their own models) loads, through
@@ -26,22 +31,17 @@ which is what the evaluation (``tools.evaluate``, as a user runs it on their own
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tools.demo_data import CHARS_PER_ROW, SEQ_LEN, VAL_FRACTION, VOCAB_SIZE, unigram_baseline, write_data
 
-VOCAB_SIZE = 1024
-SEQ_LEN = 128
-CHARS_PER_ROW = 4 * SEQ_LEN  # about 4 characters per token with this tokenizer
-VAL_FRACTION = 0.1
+REPO = Path(__file__).resolve().parents[1]
 # A small Llama: about 1.1 M parameters, 4 layers of 4 heads of 32 channels.
 TEACHER = dict(
     hidden_size=128,
@@ -76,79 +76,18 @@ STUDENT_RUNS = {
                           HIDDEN_KD),
 }
 COLORS = {"student_ce": "tab:orange", "student_kd": "tab:blue", "student_kd_hidden": "tab:purple"}
+# Teacher once, students many: the teacher's distribution per label token, cached at the KD temperature in two
+# kinds of about the same size on disk (sampled: 4k + 4 bytes a token, topk: 7k + 4), and KD from each at
+# STUDENT_RUN's steps and KD_RATIO; then a tournament of two candidates on the sampled cache.
+CACHES = {"sampled": 12, "topk": 7}
+# A second candidate a Puzzletron search could return beside STUDENT_BLOCKS: attention kept everywhere, with
+# 2 KV heads, and narrower FFNs.
+CANDIDATE_B_BLOCKS = [{"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": 160}}] * 4
+TOURNAMENT_STEPS = 40
 
 
 def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------- stage 1: data and tokenizer
-
-
-def english_paragraphs() -> list[tuple[str, str]]:
-    """``(topic, paragraph)`` pairs from the Python reference manual, in a fixed order."""
-    from pydoc_data.topics import topics
-
-    return [(name, p.strip()) for name in sorted(topics) for p in topics[name].split("\n\n") if len(p.strip()) > 40]
-
-
-def write_data(data_dir: Path) -> dict[str, int]:
-    """``train.jsonl``, ``validation.jsonl`` (``{"title", "text"}`` rows) and ``tokenizer/``; returns rows per split."""
-    import random
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rows = []
-    for title, paragraph in english_paragraphs():
-        # Consecutive paragraphs of a topic share a row up to about SEQ_LEN tokens: less padding.
-        if rows and rows[-1]["title"] == title and len(rows[-1]["text"]) + len(paragraph) < CHARS_PER_ROW:
-            rows[-1]["text"] += "\n\n" + paragraph
-        else:
-            rows.append({"title": title, "text": paragraph})
-    random.Random(0).shuffle(rows)
-    # Even, so that 2 ranks split it without the sampler repeating a row.
-    n_val = int(len(rows) * VAL_FRACTION) // 2 * 2
-    splits = {"validation": rows[:n_val], "train": rows[n_val:]}
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator((r["title"] + " " + r["text"] for r in splits["train"]), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-
-    tmp = data_dir.with_name(data_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    for name, part in splits.items():
-        with open(tmp / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in part)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    tmp.rename(data_dir)
-    return {name: len(part) for name, part in splits.items()}
-
-
-def unigram_baseline(data_dir: Path) -> float:
-    """Validation CE (nats/token) of the train split's unigram distribution, add-one smoothed:
-    what a model that ignores context can reach. Counts the tokens the dataset puts loss on."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
-
-    def tokens(split):
-        for line in open(data_dir / f"{split}.jsonl"):
-            row = json.loads(line)
-            full = tokenizer(row["title"] + " " + row["text"], truncation=True, max_length=SEQ_LEN)["input_ids"]
-            yield from full[len(tokenizer(row["title"] + " ")["input_ids"]):]
-
-    counts = Counter(tokens("train"))
-    total = sum(counts.values()) + len(tokenizer)
-    val = list(tokens("validation"))
-    return -sum(math.log((counts[t] + 1) / total) for t in val) / len(val)
 
 
 # ---------------------------------------------------------------- training runs through run.py
@@ -190,15 +129,22 @@ def torchrun(mode: str, overrides: list[str], out_dir: Path) -> Path:
     """Run ``torchrun --nproc_per_node=2 -m run --mode MODE`` into a fresh ``out_dir``; returns the
     consolidated checkpoint of its last step."""
     shutil.rmtree(out_dir, ignore_errors=True)  # the recipe would resume from a stale checkpoint
+    launch(["-m", "run", "--mode", mode, "-c", f"{CONFIGS[mode]}.yaml", *overrides], f"the --mode {mode} run")
+    return final_checkpoint(out_dir)
+
+
+CONFIGS = {"pretrain": "pretrain", "kd": "kd", "teacher_cache": "kd"}
+
+
+def launch(args: list[str], what: str, nproc: int = 2) -> None:
+    """``python -m torch.distributed.run --nproc_per_node=NPROC ARGS`` from the repo (``nproc`` 0: plain python)."""
     with socket.socket() as s:  # a free port: other jobs on this machine may hold torchrun's default
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "run", "--mode", mode, "-c", f"{mode}.yaml", *overrides]
+    runner = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"] if nproc else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
-        sys.exit(f"demo: the --mode {mode} run into {out_dir} failed; its log is above")
-    return final_checkpoint(out_dir)
+    if subprocess.run([sys.executable, *runner, *args], cwd=REPO, env=env).returncode != 0:
+        sys.exit(f"demo: {what} failed; its log is above")
 
 
 def final_checkpoint(run_dir: Path) -> Path:
@@ -264,7 +210,29 @@ def table(results: dict) -> str:
     lines += [f"| {name} | {loss:.3f} | {share} |" for name, loss, share in rows]
     verdicts = [verdict(results, "student_kd", "KD", "student_ce", "CE only"),
                 verdict(results, "student_kd_hidden", "KD + hidden-state KD", "student_kd", "KD alone")]
-    return "\n".join(lines) + f"\n\n(gap: {gap:.3f} nats/token; {'; '.join(verdicts)})"
+    return "\n".join(lines) + f"\n\n(gap: {gap:.3f} nats/token; {'; '.join(verdicts)})\n\n" + cached_table(results)
+
+
+def cached_table(results: dict) -> str:
+    """KD from each teacher cache against online KD (same student, steps, data), and the tournament's ranking."""
+    online = results["online_kd_seconds_per_step"]
+    lines = ["| KD (kd_ratio %g, %d steps) | teacher in memory | bytes per label token | seconds per step | "
+             "validation CE | share of the gap recovered |" % (KD_RATIO, STUDENT_RUN["steps"]), "|---|---|---|---|---|---|",
+             f"| online | yes | | {online:.3f} | {results['student_kd_val_loss']:.3f} | "
+             f"{results[gap_key('student_kd')]:.0%} |"]
+    for kind, c in results["cached_kd"].items():
+        name = f"student_kd_cache_{kind}"
+        lines.append(f"| {kind} cache, k={c['k']} | no | {c['bytes_per_label_token']:.1f} | {c['seconds_per_step']:.3f} | "
+                     f"{results[f'{name}_val_loss']:.3f} | {results[gap_key(name)]:.0%} |")
+    t = results["tournament"]
+    lines += ["", f"tournament: {len(t['ranking'])} candidates, {t['steps']} KD steps each from the {t['kind']} cache "
+              f"(k={t['k']})", "", "| rank | candidate | parameters | CE before | CE after | gap recovered |",
+              "|---|---|---|---|---|---|"]
+    for place, name in enumerate(t["ranking"], 1):
+        c = t["candidates"][name]
+        lines.append(f"| {place} | {name} | {c['parameters'] / 1e6:.2f} M | {c['ce_before']:.3f} | "
+                     f"{c.get('ce_after', float('nan')):.3f} | {c.get('gap_recovered') or 0:.0%} |")
+    return "\n".join(lines)
 
 
 def gap_key(run: str) -> str:
@@ -361,15 +329,57 @@ def main(argv: list[str] | None = None) -> None:
             stage.done(checkpoint=str(ckpt))
         runs[name] = stage
 
+    caches, cached_runs = {}, {}
+    for kind, k in CACHES.items():
+        cache = Stage(out, f"cache_{kind}", k=k, t=TEMPERATURE, teacher=teacher.fingerprint, data=data.fingerprint,
+                      rows=STUDENT_RUN["train_rows"])
+        if not cache.fresh():
+            shutil.rmtree(cache.dir, ignore_errors=True)
+            launch(["-m", "run", "--mode", "teacher_cache", "-c", "kd.yaml", *common, *cache_overrides(kind, cache.dir),
+                    f"step_scheduler.local_batch_size={STUDENT_RUN['local_batch']}"], f"the {kind} cache build")
+            manifest = json.loads((cache.dir / "cache" / "manifest.json").read_text())
+            cache.done(bytes_per_label_token=manifest["bytes_per_label_token"], label_tokens=manifest["label_tokens"])
+        caches[kind] = cache
+        stage = Stage(out, f"student_kd_cache_{kind}", run=STUDENT_RUN, kd_ratio=KD_RATIO, student=student.fingerprint,
+                      cache=cache.fingerprint)
+        if not stage.fresh():
+            ckpt = torchrun("kd", [*common, f"kd_ratio={KD_RATIO}", *cache_overrides(kind, cache.dir),
+                                   *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
+            stage.done(checkpoint=str(ckpt))
+        cached_runs[kind] = stage
+
+    candidate_b = Stage(out, "candidate_b_init", blocks=CANDIDATE_B_BLOCKS, teacher=teacher.fingerprint)
+    if not candidate_b.fresh():
+        from tools.prune_student import prune
+
+        shutil.rmtree(candidate_b.dir, ignore_errors=True)
+        prune(teacher_ckpt, CANDIDATE_B_BLOCKS, candidate_b.dir)
+        candidate_b.done(checkpoint=str(candidate_b.dir))
+    tournament = Stage(out, "tournament", cache=caches["sampled"].fingerprint, a=student.fingerprint,
+                       b=candidate_b.fingerprint, steps=TOURNAMENT_STEPS, run=STUDENT_RUN)
+    if not tournament.fresh():
+        shutil.rmtree(tournament.dir, ignore_errors=True)
+        kd_settings = ["model.torch_dtype=float32", f"kd_ratio={KD_RATIO}",
+                       *dataset_overrides(data_dir, STUDENT_RUN["train_rows"]), *schedule_overrides(STUDENT_RUN, tournament.dir)]
+        launch(["-m", "tools.tournament", "--cache", str(caches["sampled"].dir / "cache"),
+                "--candidate", f"A={student.dir}", "--candidate", f"B={candidate_b.dir}",
+                "--steps", str(TOURNAMENT_STEPS), "--out", str(tournament.dir),
+                "--data", str(data_dir / "validation.jsonl"), "--prompt-field", "title", "--answer-field", "text",
+                "--seq-length", str(SEQ_LEN), "--tokenizer", str(data_dir / "tokenizer"), "--teacher", str(teacher_ckpt),
+                "--nproc", "2", *kd_settings], "the tournament", nproc=0)
+        tournament.done(ranking=json.loads((tournament.dir / "summary.json").read_text())["ranking"])
+
     results_path = out / "results.json"
-    key = [s.fingerprint for s in (data, teacher, student, *runs.values())]
+    key = [s.fingerprint for s in (data, teacher, student, *runs.values(), *caches.values(), *cached_runs.values(),
+                                   candidate_b, tournament)]
     if results_path.is_file() and json.loads(results_path.read_text()).get("inputs") == key:
         log("results: up to date, skipped")
         results = json.loads(results_path.read_text())
     else:
         log("results: evaluating every model on the validation split (tools.evaluate)")
         evaluated = evaluate_models({"teacher": teacher_ckpt, "student_init": student.dir,
-                                     **{n: Path(s.info()["checkpoint"]) for n, s in runs.items()}}, data_dir)
+                                     **{n: Path(s.info()["checkpoint"]) for n, s in runs.items()},
+                                     **{s.name: Path(s.info()["checkpoint"]) for s in cached_runs.values()}}, data_dir)
         losses = {name: r["ce"] for name, r in evaluated.items()}
         params = {name: r["parameters"] for name, r in evaluated.items()}
         val_tokens = evaluated["teacher"]["tokens"]
@@ -379,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             **{f"{n}_val_loss": v for n, v in losses.items()},
             "unigram_val_loss": data.info()["unigram_val_loss"],
-            **{gap_key(n): (losses["student_init"] - losses[n]) / gap for n in runs},
+            **{gap_key(n): (losses["student_init"] - losses[n]) / gap for n in [*runs, *(s.name for s in
+                                                                                           cached_runs.values())]},
             "teacher_params": params["teacher"],
             "student_params": params["student_init"],
             "teacher_steps": TEACHER_RUN["steps"],
@@ -394,12 +405,30 @@ def main(argv: list[str] | None = None) -> None:
             "hidden_kd": HIDDEN_KD,
             "temperature": TEMPERATURE,
             "inputs": key,
+            "cached_kd": {kind: {"k": CACHES[kind], "bytes_per_label_token": caches[kind].info()["bytes_per_label_token"],
+                                 "seconds_per_step": seconds_per_step(cached_runs[kind].dir),
+                                 "cache_build_seconds": caches[kind].info()["seconds"]} for kind in CACHES},
+            "online_kd_seconds_per_step": seconds_per_step(runs["student_kd"].dir),
+            "tournament": json.loads((tournament.dir / "summary.json").read_text()),
         }
         results["curves"] = {n: validation_curve(s.dir) for n, s in runs.items()}
         plot(results, results["curves"], out / "loss_curves.png")
         results_path.write_text(json.dumps(results, indent=1))
     print("\n" + table(results) + "\n")
     log(f"results: {results_path}, {out / 'loss_curves.png'}; {time.time() - t0:.0f} s")
+
+
+def cache_overrides(kind: str, stage_dir: Path) -> list[str]:
+    """KD from (or a build of) the ``kind`` cache of :data:`CACHES` in ``<stage_dir>/cache``."""
+    return [f"teacher_cache.path={stage_dir / 'cache'}", f"teacher_cache.kind={kind}", f"teacher_cache.k={CACHES[kind]}"]
+
+
+def seconds_per_step(run_dir: Path) -> float:
+    """Median seconds of a training step, from the recipe's per-step tokens and tokens/s."""
+    import statistics
+
+    rows = [json.loads(line) for line in open(run_dir / "training.jsonl") if line.strip()]
+    return statistics.median(r["num_tokens_per_step"] / r["tps"] for r in rows)
 
 
 def train_tokens(run_dir: Path) -> int:

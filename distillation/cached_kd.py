@@ -1,0 +1,150 @@
+"""KD against a cached teacher: a sparse teacher distribution per label token instead of the teacher's logits.
+
+Two kinds of entries, both at the KD temperature ``T`` (``p = softmax(teacher_logits / T)``):
+
+``sampled``
+    ``k`` tokens drawn from ``p`` with replacement, kept as distinct ids with their counts ``c`` (weights
+    ``w = c / k``), and the teacher's exact ``sum_v p log p`` (minus its entropy). The KD value
+    ``T**2 (sum_v p log p - sum_j w_j log q(id_j))`` and its gradient ``T (q - sum_j w_j e_{id_j})`` with
+    respect to the student logits are unbiased estimates of forward KL's (``E[w] = p``; "Sparse Logit
+    Sampling", ACL 2025).
+``topk``
+    The ``k`` most likely ids with their probabilities ``w_j = p(id_j)``, and the mass left out, ``m``. The
+    KD term is the exact forward KL between the two ``k + 1``-bucket distributions (each top id, and the
+    rest): ``T**2 (sum_j w_j log(w_j / q_j) + m log(m / (1 - S)))`` with ``S = sum_j q(id_j)``; its gradient
+    pulls the student's top ids to ``w`` and spreads ``m`` over the rest in the student's own proportions,
+    ``T (q_v - m q_v / (1 - S))`` off the top. With ``k`` equal to the vocabulary it is forward KL itself; below,
+    a biased estimate of it.
+
+Only forward KL can be computed from either kind; preflight refuses the other divergences with a cache.
+
+Shapes and sharding contract (:class:`SparseTargets`, one row per label token, in the order of
+``labels != ignore_index`` over the flattened ``[B, S]`` batch)::
+
+    ids           [tokens, k] int64    global vocabulary ids; sampled rows are padded with id 0 and weight 0
+    weights       [tokens, k] fp32     w_j
+    neg_entropy   [tokens]    fp32     sum over buckets of (mass) log (mass): the constant that makes the value a KL
+    tail          [tokens]    fp32     topk: m; None for sampled
+
+Under TP the student logits are vocabulary-sharded (``[tokens, vocab/tp]``, contiguous row blocks in rank
+order); every rank holds all the targets and reads the ids in its own rows.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("sampled", "topk")
+MAX_SAMPLED_K = 255  # draw counts are stored as uint8
+
+
+@dataclass
+class SparseTargets:
+    """A sparse teacher distribution per label token (see the module docstring for the contract)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    neg_entropy: torch.Tensor
+    tail: "torch.Tensor | None" = None
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "SparseTargets":
+        """The entries of ``rows`` (indices into the label tokens)."""
+        return SparseTargets(self.ids[rows], self.weights[rows], self.neg_entropy[rows],
+                             None if self.tail is None else self.tail[rows])
+
+    def to(self, device, dtype) -> "SparseTargets":
+        """Ids on ``device``, values in ``dtype`` (the loss's compute dtype)."""
+        return SparseTargets(self.ids.to(device), self.weights.to(device, dtype), self.neg_entropy.to(device, dtype),
+                             None if self.tail is None else self.tail.to(device, dtype))
+
+    @staticmethod
+    def cat(parts: list["SparseTargets"]) -> "SparseTargets":
+        """Rows of ``parts`` one after the other (all of one kind and width)."""
+        tail = None if parts[0].tail is None else torch.cat([p.tail for p in parts])
+        return SparseTargets(torch.cat([p.ids for p in parts]), torch.cat([p.weights for p in parts]),
+                             torch.cat([p.neg_entropy for p in parts]), tail)
+
+
+def topk_targets(logits: torch.Tensor, k: int, temperature: float) -> SparseTargets:
+    """The ``k`` most likely ids of ``softmax(logits / T)`` per row, their probabilities and the rest's mass.
+
+    ``logits``: ``[tokens, vocab]``, the whole vocabulary (gather a vocab-sharded row first); computed in fp32 or
+    wider.
+    """
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    top_logp, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    rest = logp.scatter(1, ids, float("-inf"))
+    log_tail = rest.logsumexp(-1)
+    weights, tail = top_logp.exp(), log_tail.exp()
+    neg_entropy = (weights * top_logp).sum(-1) + torch.where(tail > 0, tail * log_tail, torch.zeros_like(tail))
+    return SparseTargets(ids, weights, neg_entropy, tail)
+
+
+def sampled_targets(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> SparseTargets:
+    """``k`` draws from ``softmax(logits / T)`` per row, as distinct ids (ascending, padded with id 0) and counts / k.
+
+    ``logits``: ``[tokens, vocab]``, the whole vocabulary. ``generator`` decides the draws (the cache seeds one per
+    sample, so a cache is the same whatever layout built it).
+    """
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    p = logp.exp()
+    neg_entropy = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    draws = torch.multinomial(p, k, replacement=True, generator=generator).sort(dim=-1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(-1) - 1
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    return SparseTargets(ids, counts.to(p.dtype) / k, neg_entropy)
+
+
+def sample_generator(key: bytes, seed: int, device="cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from a sample's cache key and the cache's seed."""
+    digest = hashlib.blake2b(key, digest_size=8, key=seed.to_bytes(8, "little", signed=False)).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def cached_forward_kl(w, targets: SparseTargets, vocab_offset: int, cfg) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """Per-token ``T**2`` KD value and, with ``cfg.needs_grad``, its gradient w.r.t. the chunk's student logits.
+
+    ``w.a``: ``(student_logits - global row max) / T`` and ``w.ea = exp(w.a)``, ``[n, vocab/tp]`` (this rank's
+    rows, from ``vocab_offset``); ``targets``: the chunk's ``n`` entries in the compute dtype. One all-reduce(SUM)
+    per chunk (the softmax denominator and the student logits at the cached ids, which only their owners add).
+    The gradient is written into ``w.ea`` and returned (unscaled by the loss weights, like ``loss.py``'s kernels).
+    """
+    vocab, t = w.a.shape[1], cfg.temperature
+    local = targets.ids - vocab_offset
+    owned = (local >= 0) & (local < vocab)
+    column = local.clamp(0, vocab - 1)
+    at_ids = w.a.gather(1, column).masked_fill_(~owned, 0.0)
+    stats = torch.cat([w.ea.sum(-1, keepdim=True), at_ids], dim=1)
+    if cfg.group is not None:
+        dist.all_reduce(stats, group=cfg.group)
+    log_z = stats[:, 0].log()
+    log_q = stats[:, 1:] - log_z[:, None]
+    per_token = targets.neg_entropy - (targets.weights * log_q).sum(-1)
+    ratio = None
+    if targets.tail is not None:
+        q_top = log_q.exp()
+        # 1 - S, kept above 0 where rounding would reach it (a tail the student has all but emptied).
+        log_rest = torch.log1p(-q_top.sum(-1).clamp(max=1.0 - torch.finfo(q_top.dtype).eps))
+        has_tail = targets.tail > 0
+        per_token = per_token - torch.where(has_tail, targets.tail * log_rest, torch.zeros_like(log_rest))
+        ratio = torch.where(has_tail, targets.tail * torch.exp(-log_rest), torch.zeros_like(log_rest))
+    if not cfg.needs_grad:
+        return per_token * t * t, None
+    # T (q - target): target is w at the cached ids and, for topk, m q / (1 - S) everywhere else.
+    scale = t * torch.exp(-log_z)
+    if ratio is not None:
+        scale = scale * (1.0 - ratio)
+    grad = w.ea.mul_(scale[:, None])
+    correction = -targets.weights
+    if ratio is not None:
+        correction = correction + q_top * ratio[:, None]
+    grad.scatter_add_(1, column, correction.masked_fill_(~owned, 0.0) * t)
+    return per_token * t * t, grad

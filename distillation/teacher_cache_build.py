@@ -1,0 +1,178 @@
+"""``--mode teacher_cache``: run the KD config's teacher once over its data and write the teacher cache.
+
+Every data-parallel rank takes every ``dp``-th sample of the training and of the validation dataset (all of
+them, none dropped: a KD run at any layout may ask for any sample), batched as the KD run batches them, runs
+the teacher without its full logits (final hidden states, then the LM head a chunk of label tokens at a time,
+gathered over the vocabulary shards under TP), and writes one sparse entry per label token
+(``cached_kd.sampled_targets`` or ``topk_targets``) through ``teacher_cache.CacheWriter``. Samples already in
+a shard are skipped, so a killed build resumes where it stopped. Rank 0 then lists the shards in the
+manifest and marks it complete.
+"""
+
+import copy
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from nemo_automodel.components.loss.utils import _get_loss_ignore_index
+from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
+
+from distillation import cached_kd, fused_kd_forward, teacher_cache
+
+# Label tokens whose full-vocabulary teacher rows are held at once (fp32: 1 GiB at a 201,088 vocabulary).
+ROWS_ELEMENTS = 1 << 28
+PROGRESS_EVERY_S = 10.0
+
+
+class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
+    """AutoModel's fine-tuning recipe, used for its setup (process group, sharded model, data), plus:
+
+    - The model it builds is ``teacher_model`` (frozen, eval mode), sharded by ``distributed`` as a KD run
+      shards its teacher; checkpointing is off (it trains nothing).
+    - :meth:`build` in place of the training loop: the cache at ``teacher_cache.path`` for ``dataset`` and
+      ``validation_dataset``, with a progress line (samples, label tokens/s, bytes per label token).
+    """
+
+    def __init__(self, cfg, settings: dict):
+        cfg = copy.deepcopy(cfg)
+        cfg.__dict__["model"] = cfg.teacher_model
+        cfg.set_by_dotted("checkpoint.enabled", False)
+        super().__init__(cfg)
+        self.settings = settings
+        self.path = cfg.get("teacher_cache.path")
+
+    def setup(self):
+        super().setup()
+        for part in self.model_parts:
+            part.eval()
+            part.requires_grad_(False)
+        self.dp_group = self._get_dp_group()
+        tp = self.device_mesh["tp"] if self.device_mesh is not None else None
+        self.tp_group = tp.get_group() if tp is not None and tp.size() > 1 else None
+        self.writes = tp is None or tp.get_local_rank() == 0
+
+    def run_train_validation_loop(self):
+        self.build()
+
+    @torch.no_grad()
+    def build(self) -> None:
+        """Write every split's entries, then (rank 0) the complete manifest."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            teacher_cache.start_manifest(self.path, self.settings)
+            teacher_cache.remove_partial_shards(self.path)
+        _barrier()
+        done = teacher_cache.done_keys(self.path)
+        splits = {"train": self.dataloader, **{f"validation_{n}": d for n, d in self.val_dataloaders.items()}}
+        for split, loader in splits.items():
+            writer = teacher_cache.CacheWriter(self.path, split, rank, self.settings["kind"]) if self.writes else None
+            self._build_split(split, loader, writer, done)
+            if writer is not None:
+                writer.close()
+        _barrier()
+        if rank == 0:
+            manifest = teacher_cache.complete_manifest(self.path, self.settings)
+            logging.info(f"teacher_cache: complete: {manifest['samples']} samples, {manifest['label_tokens']} label "
+                         f"tokens, {manifest['bytes_per_label_token']:.1f} bytes per label token in {self.path}")
+
+    def _build_split(self, split: str, loader, writer, done: set) -> None:
+        dataset, collate = loader.dataset, loader.collate_fn
+        dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        dp_size = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+        indices = list(range(dp_rank, len(dataset), dp_size))
+        batch_size = loader.batch_size or 1
+        started, last_report, tokens = time.time(), time.time(), 0
+        per_token = teacher_cache.entry_bytes(self.settings["kind"], self.settings["k"])
+        batches = -(-len(indices) // batch_size)
+        # FSDP2 gathers parameters in every forward: each rank runs as many forwards as the rank with the most
+        # batches (repeating one of its samples, unwritten), and a batch is skipped only where every rank skips it.
+        device = self.dist_env.device
+        for step in range(_max_over_ranks(batches, device)):
+            real = step < batches
+            chunk = indices[step * batch_size:(step + 1) * batch_size] if real else (indices or [0])[:1]
+            batch = collate([dataset[i] for i in chunk])
+            keys = teacher_cache.row_keys(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+            if not _max_over_ranks(int(real and not all(key in done for key in keys)), device):
+                continue
+            entries = self._teacher_entries(batch, keys)
+            if not real:
+                continue
+            for key, sample_entries in zip(keys, entries):
+                tokens += len(sample_entries)
+                if writer is not None and key not in done:
+                    writer.add(key, sample_entries)
+                done.add(key)  # a sample the data holds twice is written once
+            if time.time() - last_report > PROGRESS_EVERY_S or step + 1 == batches:
+                last_report = time.time()
+                logging.info(f"teacher_cache: {split} {min((step + 1) * batch_size, len(indices))}/{len(indices)} "
+                             f"samples on this rank | {tokens / max(last_report - started, 1e-9):.1f} label tokens/s | "
+                             f"{per_token} bytes per label token")
+
+    def _teacher_entries(self, batch: dict, keys: list[bytes]) -> list[cached_kd.SparseTargets]:
+        """One :class:`SparseTargets` per row of ``batch``: its label tokens' teacher entries, in position order."""
+        model = self.model_parts[0]
+        device = self.dist_env.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        labels = fused_kd_forward.loss_labels(batch.pop("labels"), self.loss_fn)
+        hidden, weight = fused_kd_forward.lm_head_inputs(model, fused_kd_forward.final_hidden_states(model, batch))
+        valid = labels != _get_loss_ignore_index(self.loss_fn)
+        per_row = valid.sum(1).tolist()
+        rows = hidden[valid]
+        widths = self._shard_widths(weight)
+        chunk = max(1, ROWS_ELEMENTS // sum(widths))
+        kind, k, temperature = self.settings["kind"], self.settings["k"], self.settings["temperature"]
+        entries, start = [], 0
+        for key, count in zip(keys, per_row):
+            generator = cached_kd.sample_generator(key, self.settings["seed"], rows.device)
+            parts = []
+            for first in range(start, start + count, chunk):
+                logits = self._full_vocab_logits(rows[first:min(first + chunk, start + count)], weight, widths)
+                if kind == "topk":
+                    parts.append(cached_kd.topk_targets(logits, k, temperature))
+                else:
+                    parts.append(cached_kd.sampled_targets(logits, k, temperature, generator))
+            entries.append(cached_kd.SparseTargets.cat(parts).to("cpu", torch.float32) if parts else
+                           _empty(kind, k))
+            start += count
+        return entries
+
+    def _shard_widths(self, weight: torch.Tensor) -> list[int]:
+        """Vocabulary rows of every tp rank's LM-head shard, in rank order (uneven splits included)."""
+        if self.tp_group is None:
+            return [weight.shape[0]]
+        local = torch.tensor([weight.shape[0]], device=weight.device)
+        widths = [torch.zeros_like(local) for _ in range(dist.get_world_size(self.tp_group))]
+        dist.all_gather(widths, local, group=self.tp_group)
+        return [int(w) for w in widths]
+
+    def _full_vocab_logits(self, hidden: torch.Tensor, weight: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """``[n, vocab]`` fp32 teacher logits of ``n`` label tokens, the tp ranks' vocabulary rows gathered."""
+        local = (hidden @ weight.T).float()
+        if self.tp_group is None:
+            return local
+        padded = torch.zeros(local.shape[0], max(widths), dtype=local.dtype, device=local.device)
+        padded[:, :local.shape[1]] = local
+        shards = [torch.empty_like(padded) for _ in widths]
+        dist.all_gather(shards, padded, group=self.tp_group)
+        return torch.cat([shard[:, :width] for shard, width in zip(shards, widths)], dim=1)
+
+
+def _empty(kind: str, k: int) -> cached_kd.SparseTargets:
+    """The entries of a sample without label tokens."""
+    return cached_kd.SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0),
+                                   torch.zeros(0) if kind == "topk" else None)
+
+
+def _max_over_ranks(value: int, device) -> int:
+    """The largest ``value`` any rank holds (every rank calls this at the same point)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
