@@ -60,9 +60,10 @@ STUDENT_BLOCKS = [
     {"attention": {"num_key_value_heads": 1}, "ffn": {"intermediate_size": 128}},
     {"attention": {"num_key_value_heads": 4}, "ffn": {"intermediate_size": 192}},
 ]
-TEACHER_RUN = dict(steps=300, lr=1e-2, warmup=30, global_batch=32, local_batch=16, val_every=50)
+TEACHER_RUN = dict(steps=300, lr=1e-2, warmup=30, global_batch=32, local_batch=16, val_every=50, compute="fp32 on CPU")
 # Recovery sees a quarter of the pretraining rows, as a compressed model's budget usually does.
-STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16, val_every=10, train_rows=256)
+STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16, val_every=10, train_rows=256,
+                   compute="fp32 on CPU")
 # Below 1: at kd_ratio=1 AutoModel's recipe skips the CE term and logs 0 for it, and the curves need it.
 KD_RATIO = 0.9
 TEMPERATURE = 1.0
@@ -129,8 +130,21 @@ def torchrun(mode: str, overrides: list[str], out_dir: Path) -> Path:
     """Run ``torchrun --nproc_per_node=2 -m run --mode MODE`` into a fresh ``out_dir``; returns the
     consolidated checkpoint of its last step."""
     shutil.rmtree(out_dir, ignore_errors=True)  # the recipe would resume from a stale checkpoint
-    launch(["-m", "run", "--mode", mode, "-c", f"{CONFIGS[mode]}.yaml", *overrides], f"the --mode {mode} run")
+    launch(["-m", "run", "--mode", mode, "-c", f"{CONFIGS[mode]}.yaml", *compute_overrides(), *overrides],
+           f"the --mode {mode} run")
     return final_checkpoint(out_dir)
+
+
+def compute_overrides() -> list[str]:
+    """fp32 compute where there is no GPU: FSDP2's default bf16 compute is emulated on CPUs without AVX512-BF16,
+    whose bf16 matmuls ran 50x slower than fp32 ones here (2-core AMD EPYC, AVX2 only, 2026-12-07); a GPU keeps
+    AutoModel's bf16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
+            "distributed.mp_policy.param_dtype=float32", "distributed.mp_policy.reduce_dtype=float32"]
 
 
 CONFIGS = {"pretrain": "pretrain", "kd": "kd", "teacher_cache": "kd"}
@@ -215,9 +229,11 @@ def table(results: dict) -> str:
 
 def cached_table(results: dict) -> str:
     """KD from each teacher cache against online KD (same student, steps, data), and the tournament's ranking."""
-    online = results["online_kd_seconds_per_step"]
+    online, ce_only = results["online_kd_seconds_per_step"], results["ce_only_seconds_per_step"]
     lines = ["| KD (kd_ratio %g, %d steps) | teacher in memory | bytes per label token | seconds per step | "
              "validation CE | share of the gap recovered |" % (KD_RATIO, STUDENT_RUN["steps"]), "|---|---|---|---|---|---|",
+             f"| none: CE only | no | | {ce_only:.3f} | {results['student_ce_val_loss']:.3f} | "
+             f"{results[gap_key('student_ce')]:.0%} |",
              f"| online | yes | | {online:.3f} | {results['student_kd_val_loss']:.3f} | "
              f"{results[gap_key('student_kd')]:.0%} |"]
     for kind, c in results["cached_kd"].items():
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                       rows=STUDENT_RUN["train_rows"])
         if not cache.fresh():
             shutil.rmtree(cache.dir, ignore_errors=True)
-            launch(["-m", "run", "--mode", "teacher_cache", "-c", "kd.yaml", *common, *cache_overrides(kind, cache.dir),
+            launch(["-m", "run", "--mode", "teacher_cache", "-c", "kd.yaml", *compute_overrides(), *common,
+                    *cache_overrides(kind, cache.dir),
                     f"step_scheduler.local_batch_size={STUDENT_RUN['local_batch']}"], f"the {kind} cache build")
             manifest = json.loads((cache.dir / "cache" / "manifest.json").read_text())
             cache.done(bytes_per_label_token=manifest["bytes_per_label_token"], label_tokens=manifest["label_tokens"])
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                        b=candidate_b.fingerprint, steps=TOURNAMENT_STEPS, run=STUDENT_RUN)
     if not tournament.fresh():
         shutil.rmtree(tournament.dir, ignore_errors=True)
-        kd_settings = ["model.torch_dtype=float32", f"kd_ratio={KD_RATIO}",
+        kd_settings = [*compute_overrides(), "model.torch_dtype=float32", f"kd_ratio={KD_RATIO}",
                        *dataset_overrides(data_dir, STUDENT_RUN["train_rows"]), *schedule_overrides(STUDENT_RUN, tournament.dir)]
         launch(["-m", "tools.tournament", "--cache", str(caches["sampled"].dir / "cache"),
                 "--candidate", f"A={student.dir}", "--candidate", f"B={candidate_b.dir}",
@@ -409,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "seconds_per_step": seconds_per_step(cached_runs[kind].dir),
                                  "cache_build_seconds": caches[kind].info()["seconds"]} for kind in CACHES},
             "online_kd_seconds_per_step": seconds_per_step(runs["student_kd"].dir),
+            "ce_only_seconds_per_step": seconds_per_step(runs["student_ce"].dir),
             "tournament": json.loads((tournament.dir / "summary.json").read_text()),
         }
         results["curves"] = {n: validation_curve(s.dir) for n, s in runs.items()}
