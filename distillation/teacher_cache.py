@@ -246,9 +246,6 @@ class TeacherCache:
                 self.index[key] = (number, start, length)
                 start += length
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self.index
-
     def batch_targets(self, batch: dict, microbatch_size: int | None = None) -> "SparseTargets | list[SparseTargets]":
         """The entries of a ``[B, S]`` batch's rows (``input_ids``, ``labels``, ``attention_mask`` as the data loader
         gives them), in the fused loss's row order; with ``microbatch_size``, one per pipeline microbatch of rows."""

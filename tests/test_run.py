@@ -77,8 +77,8 @@ def test_unknown_key_hint_names_the_nearest_key(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mode", "train"], "--mode must be one of kd, pretrain (got 'train')"),
-    ([], "--mode must be one of kd, pretrain (got None)"),
+    (["--mode", "train"], "--mode must be one of kd, pretrain, teacher_cache (got 'train')"),
+    ([], "--mode must be one of kd, pretrain, teacher_cache (got None)"),
     (["--mode", "kd", "-c", "missing.yaml"], "config file missing.yaml does not exist"),
     (["--mode", "kd", "stray"], "unexpected argument 'stray'"),
 ])
@@ -100,10 +100,10 @@ def test_malformed_config_file_is_a_usage_error_with_the_place(tmp_path, text, m
     assert str(e.value) == f"{path} {message}"
 
 
-def test_unknown_mode_exits_2_with_one_line_naming_both_modes():
+def test_unknown_mode_exits_2_with_one_line_naming_every_mode():
     result = cli("--mode", "distill")
     assert result.returncode == 2
-    assert result.stderr.splitlines()[0] == "run.py: error: --mode must be one of kd, pretrain (got 'distill')"
+    assert result.stderr.splitlines()[0] == "run.py: error: --mode must be one of kd, pretrain, teacher_cache (got 'distill')"
     assert "Traceback" not in result.stderr
 
 
