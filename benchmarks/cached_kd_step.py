@@ -34,6 +34,12 @@ from fused_kd_step import REPO, _has_cuda, build_pair, run_cell, write_config  #
 K = 12
 
 
+def compute_overrides(dtype: str) -> list[str]:
+    """FSDP2 computes in ``dtype`` (its default is bf16 whatever the weights are)."""
+    return ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
+            f"distributed.mp_policy.param_dtype={dtype}", f"distributed.mp_policy.reduce_dtype={dtype}"]
+
+
 def build_cache(procs: int, seq: int, args, teacher: Path, out: Path) -> dict:
     """``--mode teacher_cache`` for the benchmark data; its wall time, label tokens/s and bytes per label token."""
     config = write_config(out.with_suffix(".yaml"), seq)
@@ -41,7 +47,7 @@ def build_cache(procs: int, seq: int, args, teacher: Path, out: Path) -> dict:
            "-m", "run", "--mode", "teacher_cache", "-c", str(config),
            f"teacher_model.pretrained_model_name_or_path={teacher}", f"teacher_model.torch_dtype={args.dtype}",
            f"distributed.tp_size={procs}", "step_scheduler.global_batch_size=1", "step_scheduler.local_batch_size=1",
-           f"teacher_cache.path={out}", f"teacher_cache.k={K}"]
+           f"teacher_cache.path={out}", f"teacher_cache.k={K}", *compute_overrides(args.dtype)]
     started = time.time()
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
                             capture_output=True, text=True)
@@ -87,8 +93,9 @@ def main():
                     built = build_cache(procs, seq, args, teacher, cache)
                     builds.append(f"| {procs} | {vocab} | {seq} | " + (f"fails: {built['error']} | | |" if "error" in built
                                   else f"{built['seconds']:.1f} | {built['tokens_per_s']:.0f} | {built['bytes']:.1f} |"))
-                    paths = {"ce_only": ("ours", ["kd_ratio=0"]), "online": ("ours", []),
-                             "cached": ("ours", [f"teacher_cache.path={cache}", f"teacher_cache.k={K}",
+                    compute = compute_overrides(args.dtype)
+                    paths = {"ce_only": ("ours", [*compute, "kd_ratio=0"]), "online": ("ours", compute),
+                             "cached": ("ours", [*compute, f"teacher_cache.path={cache}", f"teacher_cache.k={K}",
                                                  "teacher_model.pretrained_model_name_or_path=null"])}
                     cells = {}
                     for name in paths:
