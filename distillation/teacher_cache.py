@@ -72,21 +72,25 @@ def tokenizer_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def build_settings(cfg) -> dict:
-    """What a cache built from ``cfg`` is valid for: the teacher's weights, the tokenizer, both datasets with
-    their preprocessing (the sequence length included), the KD temperature, the kind, ``k`` and the seed."""
-    teacher = str(cfg.get("teacher_model.pretrained_model_name_or_path"))
-    tokenizer = cfg.get("dataset.tokenizer.pretrained_model_name_or_path", None) or teacher
-    return {
+def build_settings(cfg, model_section: str = "teacher_model", with_teacher: bool = True) -> dict:
+    """What a cache built from ``cfg`` is valid for: the teacher's weights (``with_teacher``), the tokenizer, both
+    datasets with their preprocessing (the sequence length included), the KD temperature, the kind, ``k`` and the
+    seed. The tokenizer is ``dataset.tokenizer``'s, else ``model_section``'s checkpoint's: the teacher's for a build,
+    the student's for a KD run reading the cache."""
+    own = str(cfg.get(f"{model_section}.pretrained_model_name_or_path"))
+    tokenizer = cfg.get("dataset.tokenizer.pretrained_model_name_or_path", None) or own
+    settings = {
         "format": FORMAT,
         "kind": cfg.get("teacher_cache.kind", "sampled"),
         "k": cfg.get("teacher_cache.k", 12),
         "seed": cfg.get("teacher_cache.seed", 0),
         "temperature": float(cfg.get("kd_loss_fn.temperature", 1.0)),
-        "teacher": teacher_fingerprint(cfg),
         "tokenizer": tokenizer_digest(tokenizer),
         "datasets": dataset_settings(cfg),
     }
+    if with_teacher:
+        settings["teacher"] = teacher_fingerprint(cfg)
+    return settings
 
 
 def teacher_fingerprint(cfg) -> str:

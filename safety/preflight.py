@@ -84,7 +84,7 @@ def check(cfg, mode: str, world_size: int | None = None) -> dict | None:
     if mode == "kd" and cfg.get("fused_linear_loss", False):
         fused_kd_forward.check_config(cfg)
     if cached:
-        teacher_cache_checks.check_read(cfg, student)
+        teacher_cache_checks.check_read(cfg)
     if mode == "kd":
         hidden_kd.check_config(cfg, student, teacher)
     resume.check_same_student(cfg)

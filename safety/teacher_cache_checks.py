@@ -64,7 +64,7 @@ def check_build(cfg, teacher) -> dict:
     return settings
 
 
-def check_read(cfg, student) -> None:
+def check_read(cfg) -> None:
     """``--mode kd`` with ``teacher_cache.path``: a complete cache built for this run, whole on disk, and settings
     the cached KD path computes (fused loss, forward KL, no hidden-state KD, no CP)."""
     check_options(cfg)
@@ -92,15 +92,7 @@ def check_read(cfg, student) -> None:
                              "the same config to complete it")
     _check_shards(path, manifest)
     teacher = cfg.get("teacher_model.pretrained_model_name_or_path", None)
-    settings = {"kind": cfg.get("teacher_cache.kind", "sampled"), "k": cfg.get("teacher_cache.k", 12),
-                "seed": cfg.get("teacher_cache.seed", 0),
-                "temperature": float(cfg.get("kd_loss_fn.temperature", 1.0)),
-                "tokenizer": teacher_cache.tokenizer_digest(student.path if student.config is not None else
-                                                            cfg.get("model.pretrained_model_name_or_path")),
-                "datasets": teacher_cache.dataset_settings(cfg)}
-    if teacher is not None:
-        settings["teacher"] = teacher_cache.teacher_fingerprint(cfg)
-    differing = _differing(manifest, settings)
+    differing = _differing(manifest, teacher_cache.build_settings(cfg, "model", with_teacher=teacher is not None))
     if "teacher weights" in differing:
         raise PreflightError(f"teacher_model.pretrained_model_name_or_path={teacher} is not the teacher the cache at "
                              f"{path} was built from; point both at the same teacher, or leave teacher_model unset")
