@@ -29,15 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_kd_step import REPO, _has_cuda, build_pair, run_cell, write_config  # noqa: E402
+from fused_kd_step import REPO, _has_cuda, build_pair, compute_overrides, run_cell, write_config  # noqa: E402
 
 K = 12
-
-
-def compute_overrides(dtype: str) -> list[str]:
-    """FSDP2 computes in ``dtype`` (its default is bf16 whatever the weights are)."""
-    return ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
-            f"distributed.mp_policy.param_dtype={dtype}", f"distributed.mp_policy.reduce_dtype={dtype}"]
 
 
 def build_cache(procs: int, seq: int, args, teacher: Path, out: Path) -> dict:
@@ -93,9 +87,8 @@ def main():
                     built = build_cache(procs, seq, args, teacher, cache)
                     builds.append(f"| {procs} | {vocab} | {seq} | " + (f"fails: {built['error']} | | |" if "error" in built
                                   else f"{built['seconds']:.1f} | {built['tokens_per_s']:.0f} | {built['bytes']:.1f} |"))
-                    compute = compute_overrides(args.dtype)
-                    paths = {"ce_only": ("ours", [*compute, "kd_ratio=0"]), "online": ("ours", compute),
-                             "cached": ("ours", [*compute, f"teacher_cache.path={cache}", f"teacher_cache.k={K}",
+                    paths = {"ce_only": ("ours", ["kd_ratio=0"]), "online": ("ours", []),
+                             "cached": ("ours", [f"teacher_cache.path={cache}", f"teacher_cache.k={K}",
                                                  "teacher_model.pretrained_model_name_or_path=null"])}
                     cells = {}
                     for name in paths:

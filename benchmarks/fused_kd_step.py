@@ -73,6 +73,13 @@ def write_config(path: Path, seq: int) -> Path:
     return path
 
 
+def compute_overrides(dtype: str) -> list[str]:
+    """FSDP2 computes in ``dtype`` (its default is bf16 whatever the weights are; bf16 matmuls are emulated, 50x
+    slower, on AVX2-only CPUs); gradients are reduced in fp32, as by default."""
+    return ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
+            f"distributed.mp_policy.param_dtype={dtype}", "distributed.mp_policy.reduce_dtype=float32"]
+
+
 def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher: Path, out: Path,
              paths: dict = PATHS) -> dict:
     """One path's KD run (``paths[path_name]``: recipe and overrides); its peak, median step time and mfu."""
@@ -83,7 +90,7 @@ def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher:
         f"model.torch_dtype={args.dtype}", f"teacher_model.torch_dtype={args.dtype}",
         f"distributed.tp_size={procs}", f"step_scheduler.max_steps={args.steps}", "step_scheduler.global_batch_size=1",
         "step_scheduler.local_batch_size=1", f"step_scheduler.val_every_steps={args.steps + 1}",
-        "checkpoint.enabled=false", f"checkpoint.checkpoint_dir={out}", *extra,
+        "checkpoint.enabled=false", f"checkpoint.checkpoint_dir={out}", *compute_overrides(args.dtype), *extra,
     ]
     if recipe == "automodel":
         overrides.append("kd_loss_fn._target_=nemo_automodel.components.loss.kd_loss.KDLoss")

@@ -133,7 +133,8 @@ FP32_COMPUTE = [
 
 def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: bool = True) -> list[str]:
     """The overrides that point kd.yaml (``teacher=True``) or pretrain.yaml at the tiny
-    checkpoints and local data, in fp32. A GPT-OSS teacher is built with its descriptor, so that
+    checkpoints and local data, in fp32 (weights and FSDP2 compute: bf16 matmuls are emulated, 50x slower, on
+    AVX2-only CPUs). A GPT-OSS teacher is built with its descriptor, so that
     student and teacher are the same (transformers') implementation."""
     paths = ckpts[arch]
     teacher_args = [
@@ -153,13 +154,14 @@ def tiny_overrides(ckpts, arch: str, out_dir: Path, steps: int = 3, teacher: boo
         "step_scheduler.local_batch_size=2",
         f"step_scheduler.val_every_steps={steps}",
         f"checkpoint.checkpoint_dir={out_dir}",
+        *FP32_COMPUTE,
     ]
 
 
 def parity_run(ckpts, arch: str, out_dir: Path, mode: str, nproc: int, extra: list[str], steps: int):
     """One ``run.py`` job of a parity matrix on ``arch``'s tiny pair: fp32 compute, local batch 4 unless ``extra``
     says otherwise, validation after the last step, hidden-state KD in KD mode. ``(training rows, validation rows)``."""
-    args = [*tiny_overrides(ckpts, arch, out_dir, steps=steps, teacher=mode == "kd"), *FP32_COMPUTE,
+    args = [*tiny_overrides(ckpts, arch, out_dir, steps=steps, teacher=mode == "kd"),
             "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={steps}",
             "step_scheduler.ckpt_every_steps=100", *(HIDDEN_KD if mode == "kd" else []), *extra]
     result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)

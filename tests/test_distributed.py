@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import FP32_COMPUTE, REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 
 PARALLELISMS = {
     "fsdp2_dp2": [],
@@ -79,7 +79,7 @@ def test_a_converted_anymodel_teacher_distills_exactly_like_its_hf_original(ckpt
     for name, teacher_args in teachers.items():
         out = tmp_path / name
         result = torchrun(["-m", "run", "--mode", "kd", "-c", "kd.yaml",
-                           *tiny_overrides(ckpts, "llama", out, steps=2), *FP32_COMPUTE, *teacher_args])
+                           *tiny_overrides(ckpts, "llama", out, steps=2), *teacher_args])
         assert result.returncode == 0, result.stderr[-4000:]
         rows[name] = read_jsonl(out / "training.jsonl")
     for hf, anymodel in zip(rows["hf"], rows["anymodel"], strict=True):

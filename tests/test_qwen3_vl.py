@@ -15,7 +15,7 @@ import torch
 
 from safety import preflight
 import run
-from conftest import FP32_COMPUTE, HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
 from tools.build_checkpoints import build, qwen3_vl_block_configs, write_squad_like_data
 
 STEPS = 4
@@ -30,7 +30,7 @@ RUNS = {
 
 def overrides(ckpts, out_dir, *extra, mode="kd"):
     kd = ["teacher_model.anymodel_descriptor=qwen3_vl", *HIDDEN_KD] if mode == "kd" else []
-    return [*tiny_overrides(ckpts, "qwen3_vl", out_dir, steps=STEPS, teacher=mode == "kd"), *kd, *FP32_COMPUTE,
+    return [*tiny_overrides(ckpts, "qwen3_vl", out_dir, steps=STEPS, teacher=mode == "kd"), *kd,
             "optimizer.lr=1e-3", "step_scheduler.local_batch_size=4", "step_scheduler.ckpt_every_steps=100", *extra]
 
 

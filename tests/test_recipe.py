@@ -22,7 +22,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from common import flops
-from conftest import (FP32_COMPUTE, REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl,
+from conftest import (REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl,
                       tiny_overrides, torchrun)
 from tools.build_checkpoints import TINY
 
@@ -47,7 +47,7 @@ RUNS = {
 
 
 def kd_run(ckpts, out_dir, nproc, extra, mode="kd"):
-    args = [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS, teacher=mode == "kd"), *FP32_COMPUTE,
+    args = [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS, teacher=mode == "kd"),
             "step_scheduler.val_every_steps=3", "step_scheduler.ckpt_every_steps=100", *extra]
     result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
     assert result.returncode == 0, result.stderr[-4000:]

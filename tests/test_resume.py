@@ -8,14 +8,14 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import FP32_COMPUTE, read_jsonl, tiny_overrides, torchrun
+from conftest import read_jsonl, tiny_overrides, torchrun
 
 STEPS = 4
 LOSSES = ("loss", "ce_loss", "kd_loss", "grad_norm", "num_label_tokens")
 
 
 def kd(ckpts, out_dir, steps, nproc=2, student=None, extra=()):
-    args = [*tiny_overrides(ckpts, "llama", out_dir, steps=steps), *FP32_COMPUTE,
+    args = [*tiny_overrides(ckpts, "llama", out_dir, steps=steps),
             "step_scheduler.ckpt_every_steps=2", "step_scheduler.val_every_steps=100", *extra]
     if student is not None:
         args.append(f"model.pretrained_model_name_or_path={student}")

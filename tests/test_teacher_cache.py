@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import run
-from conftest import FP32_COMPUTE, assert_same_training, read_jsonl, tiny_overrides, torchrun
+from conftest import assert_same_training, read_jsonl, tiny_overrides, torchrun
 from distillation import teacher_cache
 from safety.preflight import PreflightError
 
@@ -23,7 +23,7 @@ TOPK_ALL = ["teacher_cache.kind=topk", f"teacher_cache.k={VOCAB}"]
 
 
 def args(ckpts, out_dir: Path, *extra: str) -> list[str]:
-    return [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS), *FP32_COMPUTE, "step_scheduler.ckpt_every_steps=100",
+    return [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS), "step_scheduler.ckpt_every_steps=100",
             *extra]
 
 
