@@ -109,42 +109,75 @@ def sample_generator(key: bytes, seed: int, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def cached_forward_kl(w, targets: SparseTargets, vocab_offset: int, cfg) -> tuple[torch.Tensor, "torch.Tensor | None"]:
-    """Per-token ``T**2`` KD value and, with ``cfg.needs_grad``, its gradient w.r.t. the chunk's student logits.
+def ce_and_cached_kl(w, ce_targets: "torch.Tensor | None", targets: SparseTargets, cfg):
+    """One chunk's per-token CE (``None`` without CE) and ``T**2`` KD values, and the gradient of
+    ``ce_scale * CE + kd_scale * KD`` w.r.t. the chunk's student logits (``None`` unless ``cfg.needs_grad``).
 
-    ``w.a``: ``(student_logits - global row max) / T`` and ``w.ea = exp(w.a)``, ``[n, vocab/tp]`` (this rank's
-    rows, from ``vocab_offset``); ``targets``: the chunk's ``n`` entries in the compute dtype. One all-reduce(SUM)
-    per chunk (the softmax denominator and the student logits at the cached ids, which only their owners add).
-    The gradient is written into ``w.ea`` and returned (unscaled by the loss weights, like ``loss.py``'s kernels).
+    ``w.a``: the student logits, ``[n, vocab/tp]`` (this rank's rows, from ``cfg.vocab_offset``), overwritten;
+    ``w.ea``: a second such buffer, used only for CE at ``T != 1``. ``ce_targets``: the labels minus the vocab
+    offset; ``targets``: the chunk's ``n`` entries in the compute dtype. At ``T == 1`` CE and KD share one softmax,
+    so the chunk costs one exp and one scaling pass over the logits, as CE alone does. Under TP: one
+    all-reduce(MAX) of the row maxima and one all-reduce(SUM) of the softmax denominators and of the logits at
+    the label and the cached ids, which only their owners add.
     """
     vocab, t = w.a.shape[1], cfg.temperature
-    local = targets.ids - vocab_offset
+    row_max = w.a.amax(-1)
+    if cfg.group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=cfg.group)
+    shifted = w.a.sub_(row_max[:, None])
+    local = targets.ids - cfg.vocab_offset
     owned = (local >= 0) & (local < vocab)
     column = local.clamp(0, vocab - 1)
-    at_ids = w.a.gather(1, column).masked_fill_(~owned, 0.0)
-    stats = torch.cat([w.ea.sum(-1, keepdim=True), at_ids], dim=1)
+    sums = [shifted.gather(1, column).masked_fill_(~owned, 0.0) / t]
+    if ce_targets is not None:
+        ce_owned = (ce_targets >= 0) & (ce_targets < vocab)
+        ce_column = ce_targets.clamp(0, vocab - 1)[:, None]
+        sums.append(shifted.gather(1, ce_column).masked_fill_(~ce_owned[:, None], 0.0))
+    # exp(a / T) for KD, and exp(a) for CE: the same tensor at T == 1.
+    if ce_targets is not None and t != 1.0:
+        kd_exp, ce_exp = torch.mul(shifted, 1.0 / t, out=w.ea).exp_(), shifted.exp_()
+        sums.append(ce_exp.sum(-1, keepdim=True))
+    else:
+        kd_exp = (shifted if t == 1.0 else shifted.mul_(1.0 / t)).exp_()
+        ce_exp = kd_exp if ce_targets is not None else None
+    sums.append(kd_exp.sum(-1, keepdim=True))
+    stats = torch.cat(sums, dim=1)
     if cfg.group is not None:
         dist.all_reduce(stats, group=cfg.group)
-    log_z = stats[:, 0].log()
-    log_q = stats[:, 1:] - log_z[:, None]
-    per_token = targets.neg_entropy - (targets.weights * log_q).sum(-1)
+    k = targets.ids.shape[1]
+    log_z = stats[:, -1].log()
+    log_q = stats[:, :k] - log_z[:, None]
+    ce_per_token = None
+    if ce_targets is not None:
+        z_ce = stats[:, -2] if ce_exp is not kd_exp else stats[:, -1]
+        ce_per_token = z_ce.log() - stats[:, k]
+    kd_per_token = targets.neg_entropy - (targets.weights * log_q).sum(-1)
     ratio = None
     if targets.tail is not None:
         q_top = log_q.exp()
         # 1 - S, kept above 0 where rounding would reach it (a tail the student has all but emptied).
         log_rest = torch.log1p(-q_top.sum(-1).clamp(max=1.0 - torch.finfo(q_top.dtype).eps))
         has_tail = targets.tail > 0
-        per_token = per_token - torch.where(has_tail, targets.tail * log_rest, torch.zeros_like(log_rest))
+        kd_per_token = kd_per_token - torch.where(has_tail, targets.tail * log_rest, torch.zeros_like(log_rest))
         ratio = torch.where(has_tail, targets.tail * torch.exp(-log_rest), torch.zeros_like(log_rest))
+    kd_per_token = kd_per_token * t * t
     if not cfg.needs_grad:
-        return per_token * t * t, None
-    # T (q - target): target is w at the cached ids and, for topk, m q / (1 - S) everywhere else.
-    scale = t * torch.exp(-log_z)
+        return ce_per_token, kd_per_token, None
+    # KD: kd_scale T (q - target), target being w at the cached ids and, for topk, m q / (1 - S) everywhere else.
+    # CE: ce_scale (p - onehot(label)).
+    kd_row = cfg.kd_scale * t * torch.exp(-log_z)
     if ratio is not None:
-        scale = scale * (1.0 - ratio)
-    grad = w.ea.mul_(scale[:, None])
+        kd_row = kd_row * (1.0 - ratio)
+    if ce_exp is None:
+        grad = kd_exp.mul_(kd_row[:, None])
+    elif ce_exp is kd_exp:
+        grad = kd_exp.mul_((kd_row + cfg.ce_scale / stats[:, -1])[:, None])
+    else:
+        grad = ce_exp.mul_((cfg.ce_scale / stats[:, -2])[:, None]).addcmul_(kd_exp, kd_row[:, None])
     correction = -targets.weights
     if ratio is not None:
         correction = correction + q_top * ratio[:, None]
-    grad.scatter_add_(1, column, correction.masked_fill_(~owned, 0.0) * t)
-    return per_token * t * t, grad
+    grad.scatter_add_(1, column, correction.masked_fill_(~owned, 0.0) * (cfg.kd_scale * t))
+    if ce_targets is not None:
+        grad.scatter_add_(1, ce_column, ce_owned.to(grad.dtype)[:, None] * -cfg.ce_scale)
+    return ce_per_token, kd_per_token, grad

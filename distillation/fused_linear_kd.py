@@ -37,7 +37,7 @@ it is None, the number of such tokens (at least 1):
   forward and reverse KL) and its closed-form gradients, whose kernels this module reuses.
 
 With ``teacher_targets`` (a cached teacher, ``cached_kd.SparseTargets``, one entry per label token) in place
-of the teacher's hidden states and weight, KD is ``cached_kd.cached_forward_kl``: forward KL only.
+of the teacher's hidden states and weight, CE and KD come from ``cached_kd.ce_and_cached_kl``: forward KL only.
 
 At ``kd_ratio == 1`` CE is skipped (``ce_loss`` is 0); at ``kd_ratio == 0`` the teacher is not projected
 at all (``kd_loss`` is 0). Logits are computed in the inputs' dtype, as the LM head would, and upcast to
@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillation.cached_kd import SparseTargets, cached_forward_kl
+from distillation.cached_kd import SparseTargets, ce_and_cached_kl
 from loss import _AUTO_CHUNK_ELEMENTS, _KERNELS, DIVERGENCES, DTensor, _all_reduce, _shift_by_global_max
 
 # Fewest tokens per chunk when chunk_size is automatic. Unlike loss.py's chunks, each of these re-reads both
@@ -289,26 +289,25 @@ class _FusedLinearKDFunction(torch.autograd.Function):
             w = work.views(n)
             hs_chunk = h_s.index_select(0, idx)
             work.project(hs_chunk, w_s, w.a)
-            if cfg.cached:
-                _shift_student_by_global_max(w, cfg)
-            elif cfg.use_kd:
-                work.project(h_t.index_select(0, idx), w_t, w.b)
-                _shift_by_global_max(w, cfg)  # a, b <- (logits - row max) / T; ea, eb <- their exps
-
+            chunk_labels = local_targets[start : start + n]
             grad = None
-            if cfg.use_ce:  # before the KD kernel, which overwrites a and ea
-                ce_per_token, grad = _cross_entropy(w, local_targets[start : start + n], cfg)
-                ce_tokens[start : start + n] = ce_per_token
-            if cfg.use_kd:
-                if cfg.cached:
-                    chunk_targets = teacher_targets.select(slice(start, start + n))
-                    kd_per_token, kd_grad = cached_forward_kl(w, chunk_targets, cfg.vocab_offset, cfg)
-                else:
-                    kd_per_token, kd_grad = kd_kernel(w, cfg)
+            if cfg.cached:
+                ce_per_token, kd_per_token, grad = ce_and_cached_kl(
+                    w, chunk_labels if cfg.use_ce else None, teacher_targets.select(slice(start, start + n)), cfg)
+                if cfg.use_ce:
+                    ce_tokens[start : start + n] = ce_per_token
                 kd_tokens[start : start + n] = kd_per_token
-                if cfg.needs_grad:
-                    kd_grad.mul_(cfg.kd_scale)
-                    grad = kd_grad if grad is None else kd_grad.add_(grad)
+            else:
+                if cfg.use_kd:
+                    work.project(h_t.index_select(0, idx), w_t, w.b)
+                    _shift_by_global_max(w, cfg)  # a, b <- (logits - row max) / T; ea, eb <- their exps
+                if cfg.use_ce:  # before the KD kernel, which overwrites a and ea
+                    ce_tokens[start : start + n], grad = _cross_entropy(w, chunk_labels, cfg)
+                if cfg.use_kd:
+                    kd_tokens[start : start + n], kd_grad = kd_kernel(w, cfg)
+                    if cfg.needs_grad:
+                        kd_grad.mul_(cfg.kd_scale)
+                        grad = kd_grad if grad is None else kd_grad.add_(grad)
 
             if cfg.needs_grad:
                 if grad_h is not None:
@@ -342,15 +341,6 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None
 
 
-def _shift_student_by_global_max(w, cfg):
-    """``a <- (logits - max) / T`` over the whole (sharded) vocabulary and ``ea <- exp(a)``, for a cached teacher."""
-    row_max = _all_reduce(w.a.amax(-1), cfg.group, dist.ReduceOp.MAX)
-    w.a.sub_(row_max[:, None])
-    if cfg.temperature != 1.0:
-        w.a.mul_(1.0 / cfg.temperature)
-    torch.exp(w.a, out=w.ea)
-
-
 def _cross_entropy(w, targets, cfg):
     """Per-token ``-log softmax(logits)[target]`` at temperature 1 and its gradient ``ce_scale (p - onehot)``.
 
@@ -379,8 +369,8 @@ def _cross_entropy(w, targets, cfg):
 class _Workspace:
     """``[chunk, vocab/tp]`` buffers reused by every chunk (fresh multi-MiB tensors per chunk cost page faults).
 
-    ``a`` (student logits), plus ``b``, ``ea``, ``eb`` (and ``m`` for jsd) with KD, ``c`` for CE next to KD,
-    a staging buffer per low-precision weight dtype (the matmul's output before the upcast, and the gradient
+    ``a`` (student logits), plus ``b``, ``ea``, ``eb`` (and ``m`` for jsd) with KD, ``c`` for CE next to KD
+    (with a cached teacher only ``ea``, for CE next to KD at ``T != 1``), a staging buffer per low-precision weight dtype (the matmul's output before the upcast, and the gradient
     cast back for ``g @ W``), and a ``[chunk, H_s]`` buffer for the chunk's hidden-state gradient.
     """
 
@@ -392,11 +382,11 @@ class _Workspace:
 
         self.a = buf()
         self.b = self.ea = self.eb = self.m = self.c = self.grad_h = None
-        if cfg.use_kd:
-            self.ea = buf()
-            if not cfg.cached:  # the cached teacher's entries need no teacher logits
-                self.b, self.eb = buf(), buf()
-                self.m = buf() if cfg.divergence == "jsd" else None
+        if cfg.cached:  # the cached teacher's entries need no teacher logits; CE shares KD's softmax at T == 1
+            self.ea = buf() if cfg.use_ce and cfg.temperature != 1.0 else None
+        elif cfg.use_kd:
+            self.ea, self.b, self.eb = buf(), buf(), buf()
+            self.m = buf() if cfg.divergence == "jsd" else None
             self.c = buf() if cfg.use_ce else None
         self.stage = {t.dtype: None for t in (w_s, w_t) if t is not None and t.dtype != dt}
         self.stage = {dtype: buf(dtype) for dtype in self.stage}

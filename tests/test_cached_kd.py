@@ -56,14 +56,16 @@ def test_topk_over_the_whole_vocabulary_equals_online_forward_kl(temperature):
     assert_close(ours, reference(h_s, w_s, h_t, w_t, labels, temperature=temperature, kd_ratio=0.5), rtol=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
 @pytest.mark.parametrize("kd_ratio", [0.5, 1.0])
 @pytest.mark.parametrize("k", [1, 5])
-def test_topk_below_the_vocabulary_is_the_kl_of_its_buckets(k, kd_ratio):
+def test_topk_below_the_vocabulary_is_the_kl_of_its_buckets(k, kd_ratio, temperature):
     h_s, w_s, h_t, w_t, labels = make_problem(2, 9, vocab=30, dtype=torch.float64)
-    targets = topk_targets(teacher_logits(h_t, w_t, labels), k, 1.5)
+    targets = topk_targets(teacher_logits(h_t, w_t, labels), k, temperature)
     assert (targets.weights.sum(-1) + targets.tail - 1).abs().max() < 1e-12
-    ours = cached_run(h_s, w_s, targets, labels, temperature=1.5, kd_ratio=kd_ratio, chunk_size=5)
-    assert_close(ours, bucket_reference(h_s, w_s, targets, labels, temperature=1.5, kd_ratio=kd_ratio), rtol=1e-10)
+    ours = cached_run(h_s, w_s, targets, labels, temperature=temperature, kd_ratio=kd_ratio, chunk_size=5)
+    reference = bucket_reference(h_s, w_s, targets, labels, temperature=temperature, kd_ratio=kd_ratio)
+    assert_close(ours, reference, rtol=1e-10)
 
 
 def test_sampled_entries_are_distinct_ids_whose_counts_add_up_to_k():
@@ -120,15 +122,17 @@ def test_an_entry_count_that_differs_from_the_label_tokens_is_refused():
 
 # --------------------------------------------------------------------------- two ranks, vocabulary sharded
 
-TP_CASES = {"topk_whole_vocab": ("topk", 26), "topk_6": ("topk", 6), "sampled_12": ("sampled", 12)}
+# case: (kind, k, temperature); at T == 1 CE and KD share one softmax, elsewhere each has its own.
+TP_CASES = {"topk_whole_vocab": ("topk", 26, 2.0), "topk_6": ("topk", 6, 2.0), "sampled_12": ("sampled", 12, 2.0),
+            "topk_6_t1": ("topk", 6, 1.0), "sampled_12_t1": ("sampled", 12, 1.0)}
 
 
-def _tp_case(kind: str, k: int):
+def _tp_case(kind: str, k: int, temperature: float):
     h_s, w_s, h_t, w_t, labels = make_problem(3, 5, vocab=26, seed=k)
     logits_t = teacher_logits(h_t, w_t, labels)
     if kind == "topk":
-        return h_s, w_s, topk_targets(logits_t, k, 2.0), labels
-    return h_s, w_s, sampled_targets(logits_t, k, 2.0, torch.Generator().manual_seed(k)), labels
+        return h_s, w_s, topk_targets(logits_t, k, temperature), labels
+    return h_s, w_s, sampled_targets(logits_t, k, temperature, torch.Generator().manual_seed(k)), labels
 
 
 def _tp_worker(rank: int, port: int, out_dir: str):
@@ -137,11 +141,11 @@ def _tp_worker(rank: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP_SIZE)
     results = {}
-    for case, (kind, k) in TP_CASES.items():
-        h_s, w_s, targets, labels = _tp_case(kind, k)
-        whole = [t.double() for t in cached_run(h_s, w_s, targets, labels, temperature=2.0, kd_ratio=0.5)]
-        ours = cached_run(h_s, w_s.chunk(TP_SIZE)[rank].clone(), targets, labels, temperature=2.0, kd_ratio=0.5,
-                          tp_group=dist.group.WORLD)
+    for case, (kind, k, temperature) in TP_CASES.items():
+        h_s, w_s, targets, labels = _tp_case(kind, k, temperature)
+        whole = [t.double() for t in cached_run(h_s, w_s, targets, labels, temperature=temperature, kd_ratio=0.5)]
+        ours = cached_run(h_s, w_s.chunk(TP_SIZE)[rank].clone(), targets, labels, temperature=temperature,
+                          kd_ratio=0.5, tp_group=dist.group.WORLD)
         try:
             assert_close(ours, (*whole[:4], whole[4].chunk(TP_SIZE)[rank]))
             results[case] = None
