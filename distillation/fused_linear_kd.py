@@ -370,8 +370,9 @@ class _Workspace:
     """``[chunk, vocab/tp]`` buffers reused by every chunk (fresh multi-MiB tensors per chunk cost page faults).
 
     ``a`` (student logits), plus ``b``, ``ea``, ``eb`` (and ``m`` for jsd) with KD, ``c`` for CE next to KD
-    (with a cached teacher only ``ea``, for CE next to KD at ``T != 1``), a staging buffer per low-precision weight dtype (the matmul's output before the upcast, and the gradient
-    cast back for ``g @ W``), and a ``[chunk, H_s]`` buffer for the chunk's hidden-state gradient.
+    (with a cached teacher only ``ea``, for CE next to KD at ``T != 1``), a staging buffer per low-precision
+    weight dtype (the matmul's output before the upcast, and the gradient cast back for ``g @ W``), and a
+    ``[chunk, H_s]`` buffer for the chunk's hidden-state gradient.
     """
 
     def __init__(self, chunk, cfg, w_s, w_t):

@@ -36,7 +36,7 @@ from distillation.cached_kd import SparseTargets
 
 MANIFEST = "manifest.json"
 DATASET_SECTIONS = ("dataset", "validation_dataset")
-FORMAT = 1
+FORMAT = 2  # 2: systematic draws for sampled entries (1: independent ones)
 KEY_BYTES = 16
 ID_BYTES = 3
 MAX_VOCAB = 1 << (8 * ID_BYTES)

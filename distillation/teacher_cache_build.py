@@ -4,9 +4,10 @@ Every data-parallel rank takes every ``dp``-th sample of the training and of the
 them, none dropped: a KD run at any layout may ask for any sample), batched as the KD run batches them, runs
 the teacher without its full logits (final hidden states, then the LM head a chunk of label tokens at a time,
 gathered over the vocabulary shards under TP), and writes one sparse entry per label token
-(``cached_kd.sampled_targets`` or ``topk_targets``) through ``teacher_cache.CacheWriter``. Samples already in
-a shard are skipped, so a killed build resumes where it stopped. Rank 0 then lists the shards in the
-manifest and marks it complete.
+(``cached_kd.sampled_targets`` or ``topk_targets``) through ``teacher_cache.CacheWriter``. Under PP the batch
+goes through the pipeline schedule's ``eval`` and the last stage, which returns hidden states instead of
+logits, computes and writes the entries. Samples already in a shard are skipped, so a killed build resumes
+where it stopped. Rank 0 then lists the shards in the manifest and marks it complete.
 """
 
 import copy
@@ -29,7 +30,8 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
     """AutoModel's fine-tuning recipe, used for its setup (process group, sharded model, data), plus:
 
     - The model it builds is ``teacher_model`` (frozen, eval mode), sharded by ``distributed`` as a KD run
-      shards its teacher; checkpointing is off (it trains nothing).
+      shards its teacher (FSDP2, TP, SP, PP); checkpointing is off (it trains nothing).
+    - Under PP, the schedule's loss keeps the last stage's hidden states per microbatch instead of a loss.
     - :meth:`build` in place of the training loop: the cache at ``teacher_cache.path`` for ``dataset`` and
       ``validation_dataset``, with a progress line (samples, label tokens/s, bytes per label token).
     """
@@ -50,7 +52,18 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
         self.dp_group = self._get_dp_group()
         tp = self.device_mesh["tp"] if self.device_mesh is not None else None
         self.tp_group = tp.get_group() if tp is not None and tp.size() > 1 else None
-        self.writes = tp is None or tp.get_local_rank() == 0
+        if self.pp_enabled and self._head_part() is not None:
+            fused_kd_forward.return_hidden_states_from_last_stage(self._head_part())
+        if self.pp_enabled:
+            self._stage_hidden = []
+            self.pp.info.schedule._loss_fn = self._keep_hidden_states
+        self.writes = self._head_part() is not None and (tp is None or tp.get_local_rank() == 0)
+
+    def _head_part(self):
+        """The model part with the LM head: the last pipeline stage's (None on other stages' ranks) under PP."""
+        if self.pp_enabled:
+            return fused_kd_forward.last_stage_part(self.model_parts, self.pp.info.stages)
+        return self.model_parts[0]
 
     def run_train_validation_loop(self):
         self.build()
@@ -81,7 +94,8 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
         dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
         dp_size = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
         indices = list(range(dp_rank, len(dataset), dp_size))
-        batch_size = loader.batch_size or 1
+        # A pipeline schedule splits exactly its own batch size into microbatches.
+        batch_size = self.pipeline_config.pp_batch_size if self.pp_enabled else (loader.batch_size or 1)
         started, last_report, tokens = time.time(), time.time(), 0
         per_token = teacher_cache.entry_bytes(self.settings["kind"], self.settings["k"])
         batches = -(-len(indices) // batch_size)
@@ -91,15 +105,19 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
         for step in range(_max_over_ranks(batches, device)):
             real = step < batches
             chunk = indices[step * batch_size:(step + 1) * batch_size] if real else (indices or [0])[:1]
+            rows = len(chunk)
+            if self.pp_enabled:  # filled up with its first sample, whose copies are not written
+                chunk = chunk + chunk[:1] * (batch_size - rows)
             batch = collate([dataset[i] for i in chunk])
-            keys = teacher_cache.row_keys(batch["input_ids"], batch["labels"], batch.get("attention_mask"))
+            keys = teacher_cache.row_keys(batch["input_ids"], batch["labels"], batch.get("attention_mask"))[:rows]
             if not _max_over_ranks(int(real and not all(key in done for key in keys)), device):
                 continue
+            labels = fused_kd_forward.loss_labels(batch["labels"], self.loss_fn)
             entries = self._teacher_entries(batch, keys)
             if not real:
                 continue
-            for key, sample_entries in zip(keys, entries):
-                tokens += len(sample_entries)
+            tokens += int((labels[:rows] != _get_loss_ignore_index(self.loss_fn)).sum())
+            for key, sample_entries in zip(keys, entries or ()):
                 if writer is not None and key not in done:
                     writer.add(key, sample_entries)
                 done.add(key)  # a sample the data holds twice is written once
@@ -109,13 +127,19 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
                              f"samples on this rank | {tokens / max(last_report - started, 1e-9):.1f} label tokens/s | "
                              f"{per_token} bytes per label token")
 
-    def _teacher_entries(self, batch: dict, keys: list[bytes]) -> list[cached_kd.SparseTargets]:
-        """One :class:`SparseTargets` per row of ``batch``: its label tokens' teacher entries, in position order."""
-        model = self.model_parts[0]
+    def _teacher_entries(self, batch: dict, keys: list[bytes]) -> "list[cached_kd.SparseTargets] | None":
+        """One :class:`SparseTargets` per key (the first rows of ``batch``): its label tokens' teacher entries, in
+        position order. None on a pipeline rank without the last stage."""
         device = self.dist_env.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         labels = fused_kd_forward.loss_labels(batch.pop("labels"), self.loss_fn)
-        hidden, weight = fused_kd_forward.lm_head_inputs(model, fused_kd_forward.final_hidden_states(model, batch))
+        if self.pp_enabled:
+            hidden = self._pipeline_hidden_states(batch, labels)
+            if hidden is None:
+                return None
+        else:
+            hidden = fused_kd_forward.final_hidden_states(self._head_part(), batch)
+        hidden, weight = fused_kd_forward.lm_head_inputs(self._head_part(), hidden)
         valid = labels != _get_loss_ignore_index(self.loss_fn)
         per_row = valid.sum(1).tolist()
         rows = hidden[valid]
@@ -136,6 +160,22 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
                            _empty(kind, k))
             start += count
         return entries
+
+    def _pipeline_hidden_states(self, batch: dict, labels: torch.Tensor) -> "torch.Tensor | None":
+        """``[B, S, H]`` final hidden states of ``batch`` run through the pipeline; None off the last stage."""
+        input_ids = batch.pop("input_ids")
+        self.pp.update_seq_len(input_ids.shape[1])
+        rest = {k: v for k, v in batch.items() if v is not None and not (isinstance(v, dict) and not v)}
+        last = self._head_part() is not None
+        self._stage_hidden = []
+        inputs = (input_ids,) if self.pp.info.has_first_stage else ()
+        self.pp.info.schedule.eval(*inputs, target=labels if last else None, losses=[] if last else None, **rest)
+        return torch.cat(self._stage_hidden) if last else None
+
+    def _keep_hidden_states(self, hidden: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The pipeline's loss: keeps one microbatch's ``[mb, S, H]`` hidden states (microbatches come in order)."""
+        self._stage_hidden.append(hidden.detach())
+        return torch.zeros((), device=target.device)
 
     def _shard_widths(self, weight: torch.Tensor) -> list[int]:
         """Vocabulary rows of every tp rank's LM-head shard, in rank order (uneven splits included)."""

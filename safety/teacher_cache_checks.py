@@ -42,13 +42,10 @@ def check_build(cfg, teacher) -> dict:
     if vocab is not None and cfg.get("teacher_cache.kind", "sampled") == "topk" and k > vocab:
         raise PreflightError(f"teacher_cache.k={k} is more than the vocabulary's {vocab} tokens; set teacher_cache.k "
                              f"<= {vocab} ({vocab}: the whole distribution)")
-    for name in ("pp_size", "cp_size"):
-        size = cfg.get(f"distributed.{name}", 1) or 1
-        if size > 1:
-            raise PreflightError(f"--mode teacher_cache with distributed.{name}={size}: the cache builder runs the "
-                                 "teacher with FSDP2 and TP only; set it to 1 (the cache serves a KD run at any layout)")
-    if os.path.isfile(path):
-        raise PreflightError(f"{KEY}={path} is a file; pass a directory for the cache")
+    cp_size = cfg.get("distributed.cp_size", 1) or 1
+    if cp_size > 1:
+        raise PreflightError(f"--mode teacher_cache with distributed.cp_size={cp_size}: the cache builder runs the "
+                             "teacher with FSDP2, TP and PP; set it to 1 (the cache serves a KD run at any layout)")
     settings = teacher_cache.build_settings(cfg)
     manifest = teacher_cache.read_manifest(path)
     if manifest is None:

@@ -80,6 +80,21 @@ def test_sampled_entries_are_distinct_ids_whose_counts_add_up_to_k():
     torch.testing.assert_close(targets.neg_entropy, (p * p.log()).sum(-1))
 
 
+def test_sampled_counts_are_k_times_p_rounded_down_or_up():
+    """Systematic draws: each token's count is floor(k p) or ceil(k p), and over seeds its mean is k p."""
+    logits = torch.randn(30, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2
+    p = logits.softmax(-1)
+    counts = torch.stack([dense_counts(sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(seed)), 40)
+                          for seed in range(2000)])
+    assert ((counts >= (12 * p).floor()) & (counts <= (12 * p).ceil())).all()
+    torch.testing.assert_close(counts.mean(0), 12 * p, rtol=0, atol=0.05)
+
+
+def dense_counts(targets: SparseTargets, vocab: int) -> torch.Tensor:
+    return torch.zeros(len(targets), vocab, dtype=targets.weights.dtype).scatter_add_(
+        1, targets.ids, targets.weights * 12)
+
+
 def test_sample_generator_depends_on_the_key_and_seed_only():
     def draws(key, seed):
         return torch.randint(0, 1000, (8,), generator=sample_generator(key, seed))

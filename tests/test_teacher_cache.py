@@ -1,25 +1,31 @@
 """Teacher once, students many: ``--mode teacher_cache`` writes a cache keyed by sample that any layout reads, and
 ``--mode kd`` with ``teacher_cache.path`` distills from it without a teacher. A ``topk`` cache over the whole
 vocabulary reproduces online KD (losses and grad norms, every step, and validation) within 1e-5, built on one
-process or two (dp=2) and read on one process, dp=2, TP=2 or PP=2; a killed build resumes; a cache that does not fit the
-run is refused in one line before anything starts."""
+process, dp=2, TP=2 or PP=2 and read at another of those layouts; a killed build resumes; a cache that does not fit
+the run is refused in one line before anything starts. ``tools.tournament`` ranks candidates distilled from a cache,
+launched with python or torchrun alike."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import run
-from conftest import assert_same_training, read_jsonl, tiny_overrides, torchrun
+from conftest import REPO, assert_same_training, read_jsonl, tiny_overrides, torchrun
 from distillation import teacher_cache
 from safety.preflight import PreflightError
+from tools.prune_student import prune
 
 STEPS = 4
 VOCAB = 512  # the tiny checkpoints' vocabulary
 KEYS = ("loss", "ce_loss", "kd_loss", "grad_norm")
 TOPK_ALL = ["teacher_cache.kind=topk", f"teacher_cache.k={VOCAB}"]
+PP2 = ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=1"]
 
 
 def args(ckpts, out_dir: Path, *extra: str) -> list[str]:
@@ -48,9 +54,10 @@ def distill(ckpts, out_dir: Path, *extra: str, nproc: int = 1):
 @pytest.fixture(scope="module")
 def caches(ckpts, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_cache")
-    return {"one_process": (root / "topk_1p", build_cache(ckpts, root / "topk_1p", *TOPK_ALL)),
-            "dp2": (root / "topk_dp2", build_cache(ckpts, root / "topk_dp2", *TOPK_ALL, nproc=2)),
-            "sampled": (root / "sampled", build_cache(ckpts, root / "sampled"))}
+    layouts = {"one_process": ([], 1), "dp2": ([], 2), "tp2": (["distributed.tp_size=2"], 2), "pp2": (PP2, 2)}
+    built = {name: (root / name, build_cache(ckpts, root / name, *TOPK_ALL, *layout, nproc=nproc))
+             for name, (layout, nproc) in layouts.items()}
+    return {**built, "sampled": (root / "sampled", build_cache(ckpts, root / "sampled"))}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +77,13 @@ def test_row_keys_ignore_padding_and_tell_samples_apart():
     assert teacher_cache.row_keys(ids[:1, :3], labels[:1, :3], mask[:1, :3]) == [first]
 
 
-def test_a_build_on_two_processes_holds_the_same_entries_as_on_one(caches):
-    (one, m1), (two, m2) = caches["one_process"], caches["dp2"]
+@pytest.mark.parametrize("layout, writers", [("dp2", 2), ("tp2", 1), ("pp2", 1)])
+def test_a_build_on_two_processes_holds_the_same_entries_as_on_one(caches, layout, writers):
+    """dp ranks each write their samples; one rank writes for a TP group, the last stage's under PP."""
+    (one, m1), (two, m2) = caches["one_process"], caches[layout]
     assert m1["complete"] and m2["complete"]
     assert m1["samples"] == m2["samples"] and m1["label_tokens"] == m2["label_tokens"]
-    assert len({Path(s).name.split("-")[0] for s in m2["shards"]}) == 2  # both ranks wrote shards
+    assert len({Path(s).name.split("-")[0] for s in m2["shards"]}) == writers
     a, b = teacher_cache.TeacherCache(one), teacher_cache.TeacherCache(two)
     keys = sorted(a.index)
     assert sorted(b.index) == keys
@@ -114,9 +123,9 @@ def test_a_killed_build_resumes_and_leaves_no_partial_shard(ckpts, caches, tmp_p
 @pytest.mark.parametrize("cache, nproc, layout", [
     ("dp2", 1, []),
     ("one_process", 2, ["step_scheduler.local_batch_size=1"]),
-    ("one_process", 2, ["distributed.tp_size=2"]),
-    ("dp2", 2, ["distributed.pp_size=2", "distributed.pipeline.pp_microbatch_size=1"]),
-], ids=["built_dp2-read_1p", "built_1p-read_dp2", "built_1p-read_tp2", "built_dp2-read_pp2"])
+    ("pp2", 2, ["distributed.tp_size=2"]),
+    ("tp2", 2, PP2),
+], ids=["built_dp2-read_1p", "built_1p-read_dp2", "built_pp2-read_tp2", "built_tp2-read_pp2"])
 def test_topk_cache_over_the_whole_vocabulary_reproduces_online_kd(ckpts, caches, online, tmp_path, cache, nproc,
                                                                     layout):
     path, _ = caches[cache]
@@ -221,3 +230,71 @@ def test_manifest_records_what_the_cache_is_valid_for(caches):
     assert {"teacher", "tokenizer", "datasets", "temperature", "kind", "k", "seed"} <= set(manifest)
     assert manifest["datasets"]["dataset"]["dataset_name"] == manifest["datasets"]["validation_dataset"]["dataset_name"]
     json.dumps(manifest)
+
+
+# --------------------------------------------------------------------------- the tournament
+
+
+def tournament_args(ckpts, caches, root: Path, out: str) -> list[str]:
+    """Two candidates (the tiny student and a narrower prune of the teacher), 2 KD steps each from the sampled
+    cache, evaluated on the validation rows' contexts."""
+    narrow = root / "narrow"
+    if not narrow.exists():
+        prune(ckpts["llama"]["teacher"], [{"ffn": {"intermediate_size": 64}}] * 4, narrow)
+    return ["-m", "tools.tournament", "--cache", str(caches["sampled"][0]), "--steps", "2", "--out", str(root / out),
+            "--candidate", f"student={ckpts['llama']['student']}", "--candidate", f"narrow={narrow}",
+            "--teacher", str(ckpts["llama"]["teacher"]), "--data", str(ckpts["data"] / "validation.jsonl"),
+            "--text-field", "context", "--seq-length", "64",
+            *tiny_overrides(ckpts, "llama", root / "unused", steps=2, teacher=False), "optimizer.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tournaments(ckpts, caches, tmp_path_factory):
+    """The same tournament launched with ``python`` (each KD run a child torchrun of 2 processes) and with
+    ``torchrun`` on 2 processes (each KD run spans the tool's own ranks): ``{launch: (stdout, summary)}``."""
+    root = tmp_path_factory.mktemp("tournament")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    spawned = subprocess.run([sys.executable, *tournament_args(ckpts, caches, root, "python"), "--nproc", "2"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert spawned.returncode == 0, spawned.stderr[-4000:]
+    ranks = torchrun(tournament_args(ckpts, caches, root, "torchrun"), timeout=600)
+    assert ranks.returncode == 0, ranks.stderr[-4000:]
+    return {launch: (result.stdout, json.loads((root / launch / "summary.json").read_text()))
+            for launch, result in (("python", spawned), ("torchrun", ranks))}
+
+
+def test_the_tournament_ranks_candidates_by_ce_after_kd_from_the_cache(tournaments):
+    stdout, summary = tournaments["python"]
+    results = summary["candidates"]
+    assert sorted(summary["ranking"]) == ["narrow", "student"]
+    assert [results[n]["ce_after"] for n in summary["ranking"]] == sorted(r["ce_after"] for r in results.values())
+    for name, r in results.items():
+        assert r["ce_after"] < r["ce_before"], name  # 2 steps at lr 1e-3 from the cache lower the CE
+        gap = (r["ce_before"] - r["ce_after"]) / (r["ce_before"] - summary["teacher_ce"])
+        assert r["gap_recovered"] == pytest.approx(gap)
+        assert f"| {name} |" in stdout
+    assert summary["kind"] == "sampled" and summary["steps"] == 2
+
+
+def test_the_tournament_under_torchrun_runs_each_kd_on_its_own_ranks_with_the_same_results(tournaments):
+    """Each KD run spans the tool's 2 ranks, as the python-launched one's 2 child processes: same models after."""
+    (spawned_out, spawned), (ranks_out, ranks) = tournaments["python"], tournaments["torchrun"]
+    assert ranks["ranking"] == spawned["ranking"]
+    for name, r in ranks["candidates"].items():
+        assert r["ce_before"] == pytest.approx(spawned["candidates"][name]["ce_before"], rel=1e-6)
+        assert r["ce_after"] == pytest.approx(spawned["candidates"][name]["ce_after"], rel=1e-5)
+        assert (Path(r["checkpoint"]) / "run.rank1.log").is_file()  # rank 1 ran its share of the KD run
+    assert ranks_out.count("| rank | candidate |") == 1  # one table, from rank 0
+
+
+def test_a_tournament_on_a_path_that_is_not_a_cache_stops_before_anything_runs(ckpts, tmp_path, capsys):
+    from tools import tournament
+
+    (tmp_path / "empty").mkdir()
+    code = tournament.main(["--cache", str(tmp_path / "empty"), "--candidate", f"a={ckpts['llama']['student']}",
+                            "--steps", "2", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none.jsonl")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tournament: error: --cache {tmp_path / 'empty'} is not a complete teacher cache; build it with "
+        "python -m run --mode teacher_cache")
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,8 @@ to rerun it and everything after it):
    hidden-state KD (:data:`HIDDEN_KD`), on the first ``STUDENT_RUN["train_rows"]`` train rows.
 5. ``cache_sampled`` and ``cache_topk``: ``--mode teacher_cache`` over the same data (:data:`CACHES`), and
    ``student_kd_cache_sampled`` / ``student_kd_cache_topk``: ``student_kd`` again, from each cache, no teacher loaded.
-6. ``candidate_b_init`` (:data:`CANDIDATE_B_BLOCKS`) and ``tournament``: ``tools.tournament`` ranks it and the
-   first student after :data:`TOURNAMENT_STEPS` KD steps each from the sampled cache.
+6. ``candidate_b_init`` (:data:`CANDIDATE_B_BLOCKS`) and ``tournament``: ``torchrun -m tools.tournament`` ranks it
+   and the first student after :data:`TOURNAMENT_STEPS` KD steps each from the sampled cache.
 7. ``results.json``, the tables on stdout and ``loss_curves.png``: validation CE of every model, what each cache
    costs on disk and per step, and the tournament's ranking.
 
@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import PreflightError
+from distillation import teacher_cache
+from safety import paths
 from tools.demo_data import CHARS_PER_ROW, SEQ_LEN, VAL_FRACTION, VOCAB_SIZE, unigram_baseline, write_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,12 +153,12 @@ def compute_overrides() -> list[str]:
 CONFIGS = {"pretrain": "pretrain", "kd": "kd", "teacher_cache": "kd"}
 
 
-def launch(args: list[str], what: str, nproc: int = 2) -> None:
-    """``python -m torch.distributed.run --nproc_per_node=NPROC ARGS`` from the repo (``nproc`` 0: plain python)."""
+def launch(args: list[str], what: str) -> None:
+    """``python -m torch.distributed.run --nproc_per_node=2 ARGS`` from the repo."""
     with socket.socket() as s:  # a free port: other jobs on this machine may hold torchrun's default
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runner = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"] if nproc else []
+    runner = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if subprocess.run([sys.executable, *runner, *args], cwd=REPO, env=env).returncode != 0:
         sys.exit(f"demo: {what} failed; its log is above")
@@ -304,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="folder for every stage's output (default: demo_out)")
     out = Path(parser.parse_args(argv).out).resolve()
+    try:
+        paths.writable_dir("--out", out)
+    except PreflightError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -348,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     caches, cached_runs = {}, {}
     for kind, k in CACHES.items():
         cache = Stage(out, f"cache_{kind}", k=k, t=TEMPERATURE, teacher=teacher.fingerprint, data=data.fingerprint,
-                      rows=STUDENT_RUN["train_rows"])
+                      rows=STUDENT_RUN["train_rows"], format=teacher_cache.FORMAT)
         if not cache.fresh():
             shutil.rmtree(cache.dir, ignore_errors=True)
             launch(["-m", "run", "--mode", "teacher_cache", "-c", "kd.yaml", *compute_overrides(), *common,
@@ -383,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--steps", str(TOURNAMENT_STEPS), "--out", str(tournament.dir),
                 "--data", str(data_dir / "validation.jsonl"), "--prompt-field", "title", "--answer-field", "text",
                 "--seq-length", str(SEQ_LEN), "--tokenizer", str(data_dir / "tokenizer"), "--teacher", str(teacher_ckpt),
-                "--nproc", "2", *kd_settings], "the tournament", nproc=0)
+                *kd_settings], "the tournament")
         tournament.done(ranking=json.loads((tournament.dir / "summary.json").read_text())["ranking"])
 
     results_path = out / "results.json"
