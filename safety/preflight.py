@@ -20,7 +20,7 @@ from common.checkpoint import Checkpoint
 from common.errors import AnyModelError, PreflightError
 from distillation import fused_kd_forward, hidden_kd
 from loss import DIVERGENCES
-from safety import resume, teacher_cache_checks
+from safety import paths, resume, teacher_cache_checks
 
 # Keys that must name a checkpoint before anything is built, per mode.
 REQUIRED_PATHS = {
@@ -56,6 +56,7 @@ def check(cfg, mode: str, world_size: int | None = None) -> dict | None:
         if cfg.get(key, None) is None and not (cached and key.startswith("teacher_model.")):
             what = "cache" if key == teacher_cache_checks.KEY else "checkpoint"
             raise PreflightError(f"{key} is not set; pass {key}=/path/to/{what}")
+    paths.check_run(cfg, mode)
     if mode in ("kd", "teacher_cache"):
         check_kd_config(cfg)
     check_numbers(cfg)
@@ -186,11 +187,7 @@ def read_checkpoint(cfg, section: str, needs_tokenizer: bool) -> Checkpoint:
     path = str(cfg.get(key))
     if _is_hub_id(path):
         return Checkpoint(section, path, None)
-    if not os.path.exists(path):
-        raise PreflightError(f"{key}={path} does not exist; pass the directory of a Hugging Face checkpoint")
-    if not os.path.isdir(path):
-        raise PreflightError(f"{key}={path} is a file, not a directory; pass the checkpoint directory that holds "
-                             "config.json")
+    paths.readable_dir(key, path, "the directory of a Hugging Face checkpoint (the one that holds config.json)")
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise PreflightError(f"{key}={path} has no config.json; pass the checkpoint directory itself "
@@ -440,9 +437,8 @@ def check_dataset(cfg, section: str) -> None:
         value = cfg.get(f"{section}.{name}", None)
         if not isinstance(value, str) or _is_hub_id(value):
             continue
-        if not os.path.exists(value):
-            raise PreflightError(f"{section}.{name}={value} does not exist; pass a directory with train.jsonl / "
-                                 "validation.jsonl or a hub dataset id")
+        paths.readable(f"{section}.{name}", value,
+                       "a directory with train.jsonl / validation.jsonl or a hub dataset id")
         split = cfg.get(f"{section}.split", None)
         data_file = Path(value) / f"{split}.jsonl" if os.path.isdir(value) and split else Path(value)
         if data_file.suffix in (".jsonl", ".json") and data_file.is_file() and not _has_rows(data_file):

@@ -7,8 +7,9 @@ import sys
 import pytest
 from matplotlib.image import imread
 
+from common.errors import PreflightError
 from conftest import REPO
-from tools.plot_run import PlotError, figure, load_run, main, run_names
+from tools.plot_run import figure, load_run, main, run_names
 
 
 def training_row(step: int, loss: float) -> dict:
@@ -111,5 +112,5 @@ def test_a_directory_without_a_training_log_is_a_one_line_error_with_exit_code_2
 
 def test_an_output_folder_that_does_not_exist_is_a_one_line_error_before_reading_the_logs(tmp_path):
     out = tmp_path / "missing" / "curves.png"
-    with pytest.raises(PlotError, match=r"the folder .*missing does not exist; create it or pass another"):
+    with pytest.raises(PreflightError, match=r"the folder .*missing does not exist; create it or pass another"):
         main([str(tmp_path / "no_run"), "--out", str(out)])

@@ -61,14 +61,14 @@ def test_missing_teacher_path_names_the_key(ckpts, tmp_path):
 def test_checkpoint_path_that_does_not_exist(ckpts, tmp_path):
     assert error(ckpts, tmp_path, f"model.pretrained_model_name_or_path={tmp_path}/nope") == (
         f"model.pretrained_model_name_or_path={tmp_path}/nope does not exist; "
-        "pass the directory of a Hugging Face checkpoint")
+        "pass the directory of a Hugging Face checkpoint (the one that holds config.json)")
 
 
 def test_checkpoint_path_that_is_a_file(ckpts, tmp_path):
     path = ckpts["llama"]["teacher"] / "config.json"
     assert error(ckpts, tmp_path, f"teacher_model.pretrained_model_name_or_path={path}") == (
         f"teacher_model.pretrained_model_name_or_path={path} is a file, not a directory; "
-        "pass the checkpoint directory that holds config.json")
+        "pass the directory of a Hugging Face checkpoint (the one that holds config.json)")
 
 
 def test_checkpoint_without_config_json(ckpts, tmp_path):

@@ -31,6 +31,9 @@ import os
 import sys
 from pathlib import Path
 
+from common.errors import PreflightError
+from safety import paths
+
 DTYPES = ("float32", "bfloat16", "float16")
 USAGE = ("python -m tools.evaluate --teacher PATH --student PATH [--student PATH ...] --data FILE [--baseline PATH] "
          "[options]")
@@ -119,6 +122,7 @@ def resolve_checkpoint(path: str | os.PathLike, name: str) -> Path:
         raise EvaluateError(f"{name} {path} does not exist; {CHECKPOINT_FORMS}")
     if not root.is_dir():
         raise EvaluateError(f"{name} {path} is a file, not a directory; {CHECKPOINT_FORMS}")
+    paths.readable_dir(name, path)
     if (root / "config.json").is_file():
         return root
     step_dir = root if (root / "model").is_dir() else find_latest_checkpoint(root)
@@ -168,6 +172,7 @@ def read_rows(path: str | os.PathLike, fields: tuple[str, ...]) -> list[tuple[in
     if not data.is_file():
         raise EvaluateError(f"--data {path} {'is a directory' if data.is_dir() else 'does not exist'}; pass a "
                             f"JSON-lines file, one object per line with a {fields[-1]!r} field")
+    paths.readable_file("--data", path)
     rows = []
     try:
         with open(data, encoding="utf-8") as f:
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                                prompt_field=args.prompt_field, answer_field=args.answer_field,
                                anymodel_descriptor=args.anymodel_descriptor, tokenizer=args.tokenizer,
                                seq_length=args.seq_length, batch_size=args.batch_size, dtype=args.dtype)
-    except EvaluateError as e:
+    except (EvaluateError, PreflightError) as e:
         import run
 
         if rank == 0:  # every rank raises the same error

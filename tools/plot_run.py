@@ -26,6 +26,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import PreflightError
+from safety import paths
+
 TRAINING_LOG = "training.jsonl"
 VALIDATION_LOG = "validation.jsonl"
 # Line style of a loss term in both loss panels; terms not listed (a future one) get LOSS_STYLES[None].
@@ -181,9 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default="curves.png", metavar="FILE.png",
                         help="the picture to write (default: curves.png)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise PlotError(f"--out {out}: the folder {out.parent} does not exist; create it or pass another path")
+    out = paths.writable_file("--out", args.out)
     runs = [load_run(directory, name) for directory, name in zip(args.dirs, run_names(args.dirs))]
     figure(runs).savefig(out, dpi=100)
     for run in runs:
@@ -195,6 +196,6 @@ def main(argv: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except PlotError as e:
+    except (PlotError, PreflightError) as e:
         print(f"plot_run: error: {e}", file=sys.stderr)
         sys.exit(2)
