@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import preloaded_ranks  # noqa: E402
 from modelopt.torch.puzzletron.anymodel.puzzformer import no_op  # noqa: E402
 from tools.build_checkpoints import build, write_squad_like_data  # noqa: E402
 
@@ -76,8 +77,17 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | No
     """Run ``python -m torch.distributed.run --nproc_per_node=N <args>`` from the repo root on CPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=_job_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_job(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None):
+    """``torchrun(["-m", module, ...])`` with the ranks forked from a preloaded interpreter
+    (``preloaded_ranks.py``): the same job, without importing the stack again for every rank."""
+    return preloaded_ranks.launch(args, nproc, free_port(), _job_env(env), timeout)
+
+
+def _job_env(env: dict | None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,7 @@ def parity_run(ckpts, arch: str, out_dir: Path, mode: str, nproc: int, extra: li
     args = [*tiny_overrides(ckpts, arch, out_dir, steps=steps, teacher=mode == "kd"),
             "step_scheduler.local_batch_size=4", f"step_scheduler.val_every_steps={steps}",
             "step_scheduler.ckpt_every_steps=100", *(HIDDEN_KD if mode == "kd" else []), *extra]
-    result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
+    result = run_job(["-m", "run", "--mode", mode, *args], nproc=nproc)
     assert result.returncode == 0, f"{arch} {out_dir.name}: {result.stderr[-4000:]}"
     return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
 

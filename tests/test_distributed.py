@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import REPO, checkpoint_tensors, read_jsonl, run_job, tiny_overrides, torchrun
 
 PARALLELISMS = {
     "fsdp2_dp2": [],
@@ -107,6 +107,13 @@ def test_kd_fsdp2_two_ranks_trains_and_logs_every_step(ckpts, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert_trained(out, 4)
     assert "| kd_loss " in result.stderr + result.stdout
+    # The suite's parity runs fork their ranks from a preloaded interpreter (conftest.run_job): the same job.
+    preloaded = tmp_path / "preloaded"
+    assert run_job(["-m", "run", "--mode", "kd", "-c", "kd.yaml", *tiny_overrides(ckpts, "llama", preloaded, steps=4)]
+                   ).returncode == 0
+    keys = ("loss", "kd_loss", "grad_norm")
+    for got, ref in zip(read_jsonl(preloaded / "training.jsonl"), read_jsonl(out / "training.jsonl"), strict=True):
+        assert [got[k] for k in keys] == [ref[k] for k in keys]
 
 
 def test_pretrain_two_ranks_trains_the_heterogeneous_student(ckpts, tmp_path):

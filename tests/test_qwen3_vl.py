@@ -15,7 +15,7 @@ import torch
 
 from safety import preflight
 import run
-from conftest import HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, tiny_overrides, torchrun
+from conftest import HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, run_job, tiny_overrides, torchrun
 from tools.build_checkpoints import build, qwen3_vl_block_configs, write_squad_like_data
 
 STEPS = 4
@@ -46,7 +46,7 @@ def runs(ckpts, tmp_path_factory):
     out = {}
     for name, (mode, nproc, extra) in RUNS.items():
         out_dir = tmp_path_factory.mktemp(f"qwen3_vl_{name}")
-        result = torchrun(["-m", "run", "--mode", mode, *overrides(ckpts, out_dir, *extra, mode=mode)], nproc=nproc)
+        result = run_job(["-m", "run", "--mode", mode, *overrides(ckpts, out_dir, *extra, mode=mode)], nproc=nproc)
         assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
         out[name] = (read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl"), out_dir)
     return out

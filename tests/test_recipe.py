@@ -22,7 +22,7 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from common import flops
-from conftest import (REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl,
+from conftest import (REPO, assert_same_training, checkpoint_tensors, free_port, read_jsonl, run_job,
                       tiny_overrides, torchrun)
 from tools.build_checkpoints import TINY
 
@@ -49,7 +49,7 @@ RUNS = {
 def kd_run(ckpts, out_dir, nproc, extra, mode="kd"):
     args = [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS, teacher=mode == "kd"),
             "step_scheduler.val_every_steps=3", "step_scheduler.ckpt_every_steps=100", *extra]
-    result = torchrun(["-m", "run", "--mode", mode, *args], nproc=nproc)
+    result = run_job(["-m", "run", "--mode", mode, *args], nproc=nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
 
@@ -64,11 +64,10 @@ def saved_tensor_names(model_dir) -> set[str]:
     return names
 
 
-def run_all(ckpts, tmp_path_factory, fused: bool, names=tuple(RUNS)) -> dict:
-    """``{name: (training rows, validation rows, checkpoint dir)}`` for the entries of RUNS in ``names``."""
+def run_all(ckpts, tmp_path_factory, fused: bool) -> dict:
+    """``{name: (training rows, validation rows, checkpoint dir)}`` for every entry of RUNS."""
     out = {}
-    for name in names:
-        nproc, extra = RUNS[name]
+    for name, (nproc, extra) in RUNS.items():
         out_dir = tmp_path_factory.mktemp(f"{name}_fused_{fused}")
         out[name] = (*kd_run(ckpts, out_dir, nproc, [*extra, *HIDDEN_KD, f"fused_linear_loss={str(fused).lower()}"]),
                      out_dir)
@@ -81,14 +80,10 @@ def runs(ckpts, tmp_path_factory):
     return run_all(ckpts, tmp_path_factory, fused=True)
 
 
-# The logits path in one cell per way of splitting the work: its loss sees whole, sharded or pipelined logits.
-LOGITS_RUNS = ("single_process", "fsdp2_dp2", "tp2_sequence_parallel", "pp2")
-
-
 @pytest.fixture(scope="module")
 def logits_runs(ckpts, tmp_path_factory):
-    """LOGITS_RUNS through full logits (``fused_linear_loss=false``, AutoModel's KD path)."""
-    return run_all(ckpts, tmp_path_factory, fused=False, names=LOGITS_RUNS)
+    """RUNS through full logits (``fused_linear_loss=false``, AutoModel's KD path)."""
+    return run_all(ckpts, tmp_path_factory, fused=False)
 
 
 def test_the_reference_run_trains_logs_every_step_and_validates(runs):
@@ -129,7 +124,7 @@ def test_validation_losses_match_one_process_pipeline_parallel_included(runs, na
             assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
 
 
-@pytest.mark.parametrize("name", LOGITS_RUNS)
+@pytest.mark.parametrize("name", list(RUNS))
 def test_fused_linear_loss_trains_as_the_logits_path_does(runs, logits_runs, name):
     (ref, ref_val, _), (got, got_val, _) = logits_runs[name], runs[name]
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(STEPS))

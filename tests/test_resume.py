@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import read_jsonl, tiny_overrides, torchrun
+from conftest import read_jsonl, run_job, tiny_overrides
 
 STEPS = 4
 LOSSES = ("loss", "ce_loss", "kd_loss", "grad_norm", "num_label_tokens")
@@ -19,7 +19,7 @@ def kd(ckpts, out_dir, steps, nproc=2, student=None, extra=()):
             "step_scheduler.ckpt_every_steps=2", "step_scheduler.val_every_steps=100", *extra]
     if student is not None:
         args.append(f"model.pretrained_model_name_or_path={student}")
-    return torchrun(["-m", "run", "--mode", "kd", *args], nproc=nproc)
+    return run_job(["-m", "run", "--mode", "kd", *args], nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import run
-from conftest import REPO, assert_same_training, read_jsonl, tiny_overrides, torchrun
+from conftest import REPO, assert_same_training, read_jsonl, run_job, tiny_overrides, torchrun
 from distillation import teacher_cache
 from safety.preflight import PreflightError
 from tools.prune_student import prune
@@ -39,14 +39,14 @@ def dense(entries) -> torch.Tensor:
 
 
 def build_cache(ckpts, path: Path, *extra: str, nproc: int = 1) -> dict:
-    result = torchrun(["-m", "run", "--mode", "teacher_cache", *args(ckpts, path.parent / "unused"),
+    result = run_job(["-m", "run", "--mode", "teacher_cache", *args(ckpts, path.parent / "unused"),
                        f"teacher_cache.path={path}", *extra], nproc=nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     return teacher_cache.read_manifest(path)
 
 
 def distill(ckpts, out_dir: Path, *extra: str, nproc: int = 1):
-    result = torchrun(["-m", "run", "--mode", "kd", *args(ckpts, out_dir), *extra], nproc=nproc)
+    result = run_job(["-m", "run", "--mode", "kd", *args(ckpts, out_dir), *extra], nproc=nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
 
