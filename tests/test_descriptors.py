@@ -1,6 +1,6 @@
 """Every descriptor builds the layers its block configs ask for, and distills the same under every
-parallelism (2 CPU ranks, gloo, fp32) as in one process: GPT-OSS under FSDP2, TP+SP and PP, Qwen2, Qwen3 and
-Mistral-Small under TP+SP and PP.
+parallelism (2 CPU ranks, gloo, fp32) as in one process: GPT-OSS in each, Qwen2, Qwen3 and Mistral-Small under
+TP+SP and PP.
 
 The GPT-OSS student (``tools/build_checkpoints.py --arch gpt_oss``) differs from its teacher per layer in
 KV heads, attention (layer 1 has none), expert count, top-k and expert width (33 channels in layer 3,
@@ -28,16 +28,17 @@ TP_SP = ["distributed.tp_size=2", "distributed.sequence_parallel=true"]
 GPT_OSS_RUNS = {
     "single_process": ("kd", 1, [], "window_16"),
     "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"], "window_16"),
+    "tp2": ("kd", 2, ["distributed.tp_size=2"], "window_16"),
     "tp2_sequence_parallel": ("kd", 2, TP_SP, "window_16"),
     "pp2": ("kd", 2, PP, "window_16"),
     "single_process_window_512": ("kd", 1, [], "window_512"),
     "pretrain_single_process": ("pretrain", 1, [], "window_16"),
     "pretrain_pp2": ("pretrain", 2, PP, "window_16"),
 }
-# The dense descriptors share Llama's code paths (architectures/tensor_parallel.py, AutoModel's pipeline split, FSDP2,
-# all of them tested on Llama in test_recipe.py); one run with every split of a layer (TP + SP) and one pipeline run
-# each show their models take them.
-DENSE_RUNS = {"single_process": ("kd", 1, []), "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP)}
+# The dense descriptors share Llama's code paths (architectures/tensor_parallel.py, AutoModel's pipeline split); a data-parallel
+# run, one with every split of a layer (TP + SP) and one pipeline run each show their models take them.
+DENSE_RUNS = {"single_process": ("kd", 1, []), "fsdp2_dp2": ("kd", 2, ["step_scheduler.local_batch_size=2"]),
+              "tp2_sequence_parallel": ("kd", 2, TP_SP), "pp2": ("kd", 2, PP), "pretrain_pp2": ("pretrain", 2, PP)}
 
 
 def train(ckpts, arch, out_dir, mode, nproc, extra):
@@ -82,16 +83,25 @@ def dense_runs(ckpts, qwen2, mistral_small, tmp_path_factory):
             for arch in ("qwen2", "qwen3", "mistral_small")}
 
 
-@pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2_sequence_parallel", "pp2"])
+@pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2", "tp2_sequence_parallel", "pp2"])
 def test_gpt_oss_kd_matches_one_process_in_every_parallelism(runs, name):
     assert_same_training(runs[name], runs["single_process"], HIDDEN_KD_KEYS, STEPS)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral_small"])
-@pytest.mark.parametrize("name", ["tp2_sequence_parallel", "pp2"])
-def test_dense_descriptors_kd_matches_one_process_under_tp_sp_and_pp(dense_runs, arch, name):
+@pytest.mark.parametrize("name", ["fsdp2_dp2", "tp2_sequence_parallel", "pp2"])
+def test_dense_descriptors_kd_matches_one_process_under_fsdp2_tp_sp_and_pp(dense_runs, arch, name):
     runs = dense_runs[arch]
     assert_same_training(runs[name], runs["single_process"], HIDDEN_KD_KEYS, STEPS)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral_small"])
+def test_dense_descriptors_pretrain_under_pipeline_parallelism_starts_at_the_kd_runs_cross_entropy(dense_runs, arch):
+    """Same student, first batch and weights: ``--mode pretrain``'s step-0 loss is the KD run's step-0 CE."""
+    pretrain, kd = dense_runs[arch]["pretrain_pp2"][0], dense_runs[arch]["single_process"][0]
+    assert [r["step"] for r in pretrain] == list(range(STEPS))
+    assert pretrain[0]["loss"] == pytest.approx(kd[0]["ce_loss"], rel=1e-4)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in pretrain)
 
 
 def test_gpt_oss_pretrain_under_pipeline_parallelism_matches_one_process(runs):
