@@ -27,7 +27,7 @@ fi
 "$PY" benchmarks/fused_kd_step.py "${STEP[@]}" --output "$OUT/kd_step.md"
 # The loss alone: loss.KDLoss vs AutoModel's KDLoss (time and memory).
 "$PY" benchmarks/kd_loss.py "${LOSS[@]}" --output "$OUT/kd_loss.md"
-# The loss stage alone from hidden states (GPT-OSS's head): fused vs logits paths vs Liger's fused linear JSD.
+# The loss stage alone from hidden states (GPT-OSS's head): fused vs its four-matmul floor vs logits paths vs Liger.
 "$PY" benchmarks/fused_linear_loss.py "${HEAD[@]}" --output "$OUT/fused_linear_loss.md"
 if [[ "${1:-}" != "--dry-run" ]]; then
     # KD from a teacher cache vs online KD vs CE only, bf16, GPT-OSS's vocabulary (the dry run skips it: CI time).

@@ -22,9 +22,10 @@ def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_the_loss_and_the_l
                .splitlines() if line.startswith("| 1 | 4096 |") and line.count("|") == 7]  # the longest-sequence table
     assert [row[3:5] for row in longest] == [["unfused", "64"], ["fused", "64"], ["automodel", "64"]]
     assert "ours" in (tmp_path / "kd_loss.md").read_text()
-    head = {row[2].strip(): row[3:5] for row in (line.split("|")[1:-1] for line in
+    head = {row[2].strip(): row[3:6] for row in (line.split("|")[1:-1] for line in
             (tmp_path / "fused_linear_loss.md").read_text().splitlines() if line.startswith("| 256 | 8000 |"))}
-    assert list(head) == ["logits_ours", "logits_automodel", "fused", "liger"]
-    for path in ("logits_ours", "logits_automodel", "fused"):
+    assert list(head) == ["floor", "logits_ours", "logits_automodel", "fused", "liger"]
+    for path in ("floor", "logits_ours", "logits_automodel", "fused"):
         assert float(head[path][0]) > 0 and float(head[path][1]) > 0, head[path]
+    assert head["fused"][2].strip().endswith("x")  # its time against the four bare products
     assert head["liger"][0].strip().startswith("not run")  # no CUDA GPU here
