@@ -65,11 +65,12 @@ from distillation.cached_kd import SparseTargets, ce_and_cached_kl
 from loss import _AUTO_CHUNK_ELEMENTS, _KERNELS, DIVERGENCES, DTensor, _all_reduce, _shift_by_global_max
 
 # Fewest tokens per chunk when chunk_size is automatic. Unlike loss.py's chunks, each of these re-reads both
-# LM-head weights and adds into the whole weight gradient, so a chunk must be long enough for those weight-sized
-# passes not to dominate: on CPU at vocab 201,088 and hidden 128, the 5-token chunks of the element rule took
-# 3.5x as long as 64-token ones (benchmarks/fused_linear_loss.py); on a GPU, 256 tokens keep a bf16 projection
-# compute-bound (its FLOPs per weight byte grow with the chunk's tokens).
-_MIN_AUTO_CHUNK_TOKENS = {"cpu": 64, "accelerator": 256}
+# LM-head weights and adds into the whole weight gradient; those weight-sized passes are paid once per chunk, so a
+# chunk must be long enough to amortise them. On CPU at vocab 201,088, hidden 256, 1,024 tokens, fp32 (forward +
+# backward, benchmarks/fused_linear_loss.py, 2026-12-07): 4.98 s in 64-token chunks, 3.95 s in 256-token ones,
+# 4.45 s in 512 (the four bare LM-head products: 3.36 s); at 32,000 the same held (0.78 / 0.62 / 0.64 s). On a GPU,
+# 256 tokens keep a bf16 projection compute-bound (its FLOPs per weight byte grow with the chunk's tokens).
+_MIN_AUTO_CHUNK_TOKENS = 256
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -83,8 +84,8 @@ class FusedLinearKDLoss(nn.Module):
         beta: Teacher weight of the ``jsd`` mixture, in ``[0, 1]``.
         chunk_size: Tokens per chunk; the workspace is 2 (CE only) to 7 (JSD with CE, bf16 weights)
             buffers of ``[chunk_size, vocab/tp]``. ``None`` or 0 picks about 1M elements per buffer on
-            CPU, 16M on accelerators (loss.py's rule, with the widest shard under TP), but at least 64
-            tokens on CPU and 256 on accelerators (see ``_MIN_AUTO_CHUNK_TOKENS``).
+            CPU, 16M on accelerators (loss.py's rule, with the widest shard under TP), but at least 256
+            tokens (see ``_MIN_AUTO_CHUNK_TOKENS``).
         tp_group: Process group over which the vocabulary rows of both weights are sharded; None or a
             group of size 1 means whole weights.
 
@@ -238,7 +239,7 @@ def _check_pair(name, who, hidden, weight):
 
 
 def _auto_chunk_size(kind: str, widest_shard: int) -> int:
-    return max(_MIN_AUTO_CHUNK_TOKENS[kind], _AUTO_CHUNK_ELEMENTS[kind] // widest_shard)
+    return max(_MIN_AUTO_CHUNK_TOKENS, _AUTO_CHUNK_ELEMENTS[kind] // widest_shard)
 
 
 def _device_kind(tensor):
