@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -49,15 +50,8 @@ def spawn_ranks(worker, out_dir: Path, nprocs: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
     port = free_port()
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
         mp.spawn(worker, args=(port, str(out_dir)), nprocs=nprocs)
-    finally:
-        if previous is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
     return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "torch.distributed", "transformers", "nemo_automodel", "nemo_automodel.recipes.llm.train_ft",
@@ -60,19 +61,12 @@ def launch(args: list[str], nproc: int, port: int, env: dict, timeout: float) ->
     if args[0] != "-m":
         raise ValueError(f"preloaded ranks run a module (-m NAME ...), not {args[:2]}")
     context = _forkserver()
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # read once, by the server, when it starts
     with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
         files = [(f"{logs}/{r}.out", f"{logs}/{r}.err") for r in range(nproc)]
         ranks = [context.Process(target=_rank, args=(r, nproc, port, args, env, *files[r])) for r in range(nproc)]
-        try:
+        with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):  # read once, by the server, when it starts
             for process in ranks:
                 process.start()
-        finally:
-            if previous is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = previous
         returncode = _wait(ranks, timeout, args)
         stdout, stderr = ("".join(Path(f[i]).read_text(errors="replace") for f in files) for i in (0, 1))
     return subprocess.CompletedProcess(args, returncode, stdout, stderr)
