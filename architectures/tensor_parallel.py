@@ -12,8 +12,15 @@ block of each layer gets one of three treatments on the ``tp`` mesh:
     (``q/k/v_proj``, ``gate/up_proj``) hold ``Shard(0)`` weights, row-parallel ones (``o_proj``,
     ``down_proj``) ``Shard(1)``; Qwen3's ``q_norm``/``k_norm`` stay whole and sum their partial
     gradients, as in AutoModel's Qwen plan.
+``kv_replicated``
+    An attention block whose query heads divide ``tp_size`` but whose KV heads are fewer, ``tp_size`` a
+    multiple of them (Puzzletron keeps 1 or 2 KV heads in some layers): split by query heads as Megatron
+    does. ``q_proj``/``o_proj`` (and their norms, Qwen3's ``q_norm``/``k_norm``) take AutoModel's entries;
+    ``k_proj``/``v_proj`` stay whole on every rank, and :class:`KVHeadOfRank` computes only the KV head the
+    rank's query heads read. That head's gradient on a rank is its own query heads' part, so the KV
+    weights' gradients and the block input's are summed over TP.
 ``replicated``
-    It does not divide: the block gets no entries, so its parameters are whole (``Replicate``)
+    The block does not divide otherwise: the block gets no entries, so its parameters are whole (``Replicate``)
     on every TP rank, every rank computes the full block, and :class:`ReplicateOnTP` marks the
     parameters for ``synchronize_tp_replica_gradients`` (called by the KD recipe before the
     grad norm) to mean-reduce their identical gradients. Under sequence parallelism the block
@@ -40,12 +47,13 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from nemo_automodel.components.distributed.tp_replicas import mark_tp_replica_gradient_reduction
 
-BlockMode = Literal["sharded", "replicated", "no_op"]
+BlockMode = Literal["sharded", "kv_replicated", "replicated", "no_op"]
 LAYER_WILDCARD = ".*."
 # The first name of a per-layer plan key, mapped to the block it belongs to. Norms feed their
 # block; under sequence parallelism they all-gather its input, which a replicated block needs too.
 BLOCK_OF = {"self_attn": "self_attn", "input_layernorm": "self_attn", "mlp": "mlp", "post_attention_layernorm": "mlp"}
 NORMS = ("input_layernorm", "post_attention_layernorm")
+KV_PROJECTIONS = ("self_attn.k_proj", "self_attn.v_proj")
 SEQUENCE_DIM = 1  # activations are [batch, sequence, hidden]
 
 
@@ -96,12 +104,17 @@ class SumGradientsOverTP(torch.autograd.Function):
 
 
 def attention_mode(attn: nn.Module, tp_size: int) -> BlockMode:
-    """How a layer's ``self_attn`` is split: by heads when both head counts divide ``tp_size``."""
+    """How a layer's ``self_attn`` is split: by heads when both head counts divide ``tp_size``; by query heads
+    when only theirs does and each rank's query heads read one KV head (``tp_size`` a multiple of the KV heads)."""
     if not hasattr(attn, "q_proj"):
         return "no_op"
     num_heads = attn.q_proj.out_features // attn.head_dim
     num_kv_heads = attn.k_proj.out_features // attn.head_dim
-    return "sharded" if num_heads % tp_size == 0 and num_kv_heads % tp_size == 0 else "replicated"
+    if num_heads % tp_size:
+        return "replicated"
+    if num_kv_heads % tp_size == 0:
+        return "sharded"
+    return "kv_replicated" if tp_size % num_kv_heads == 0 else "replicated"
 
 
 def mlp_mode(mlp: nn.Module, tp_size: int) -> BlockMode:
@@ -146,6 +159,36 @@ class ReplicateOnTP(ParallelStyle):
         return module
 
 
+class KVHeadOfRank(ParallelStyle):
+    """``k_proj`` or ``v_proj`` of a ``kv_replicated`` attention: the weight stays whole (``Replicate``) on every
+    TP rank, and each rank's forward computes only KV head ``rank * kv_heads // tp_size``, the one its query heads
+    ``[rank * heads / tp_size, (rank + 1) * heads / tp_size)`` read; the attention's ``num_key_value_groups``
+    becomes the rank's query heads per that one KV head.
+
+    Output ``[batch, sequence, head_dim]`` on each rank. Backward: the weight's gradient holds this rank's query
+    heads' part in that head's rows (zeros elsewhere), marked for ``synchronize_tp_replica_gradients`` to sum;
+    the input's gradient is summed over the ranks here, as a column-parallel layer's is. Under sequence
+    parallelism the input arrives gathered (a ``Replicate`` DTensor) and is used as the plain tensor it holds.
+    """
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp, rank, head_dim = device_mesh.size(), device_mesh.get_local_rank(), self.attention.head_dim
+        num_heads = self.attention.q_proj.out_features // head_dim
+        kv_heads = module.out_features // head_dim
+        rows = slice(rank * kv_heads // tp * head_dim, (rank * kv_heads // tp + 1) * head_dim)
+        LocalParameters(module, {name: lambda t: t[rows] for name in ("weight", "bias")
+                                 if module._parameters.get(name) is not None})
+        mark_tp_replica_gradient_reduction(module, "sum")
+        group = device_mesh.get_group()
+        module.register_forward_pre_hook(lambda mod, args: (SumGradientsOverTP.apply(_full(args[0]), group), *args[1:]))
+        self.attention.num_key_value_groups = num_heads // tp
+        return module
+
+
 def _full(value):
     return value.full_tensor() if isinstance(value, DTensor) else value
 
@@ -186,9 +229,10 @@ def per_layer_tp_plan(model: nn.Module, base_plan: dict[str, ParallelStyle], tp_
             :class:`ReplicateOnTP` for replicated blocks.
 
     Returns:
-        A plan without layer wildcards: for each layer, the base entries of its sharded blocks,
-        the norm entries of its sharded and replicated blocks, and ``<layer>.<block>:
-        ReplicateOnTP`` for each replicated block (see the module docstring).
+        A plan without layer wildcards: for each layer, the base entries of its sharded blocks, those of
+        its ``kv_replicated`` attention with :class:`KVHeadOfRank` for ``k_proj``/``v_proj``, the norm
+        entries of its replicated blocks, and ``<layer>.<block>: ReplicateOnTP`` for each replicated block
+        (see the module docstring).
     """
     plan = {key: style for key, style in base_plan.items() if LAYER_WILDCARD not in key}
     for layers_name in dict.fromkeys(key.partition(LAYER_WILDCARD)[0] for key in base_plan if LAYER_WILDCARD in key):
@@ -200,7 +244,9 @@ def per_layer_tp_plan(model: nn.Module, base_plan: dict[str, ParallelStyle], tp_
                 if head != layers_name or not _has_submodule(layer, name):
                     continue
                 mode = modes.get(BLOCK_OF.get(name.split(".")[0]), "sharded")
-                if mode == "sharded" or (mode == "replicated" and name in NORMS):
+                if mode == "kv_replicated" and name in KV_PROJECTIONS:
+                    plan[f"{prefix}.{name}"] = KVHeadOfRank(layer.self_attn)
+                elif mode in ("sharded", "kv_replicated") or (mode == "replicated" and name in NORMS):
                     plan[f"{prefix}.{name}"] = style
             for block, mode in modes.items():
                 if mode == "replicated":

@@ -15,7 +15,8 @@ Shard tensors (``n`` samples, ``T`` label tokens in all, ``k`` slots)::
 
     keys     [n, 16] uint8    lengths  [n] int32 (label tokens per sample)
     ids      [T, k, 3] uint8  (little-endian 24-bit vocabulary ids: vocabularies up to 16,777,216 tokens)
-    sampled: counts [T, k] uint8, neg_entropy [T] fp32  ->  4k + 4 bytes a label token (52 at k = 12)
+    sampled: weights [T, k] uint8 (units of 1 / 255), neg_entropy [T] fp32  ->  4k + 4 bytes a label token
+             (52 at k = 12)
     topk:    probs  [T, k] fp32, tail        [T] fp32  ->  7k + 4 bytes a label token
 
 A shard is written to ``<name>.tmp``, flushed to disk and renamed, so a killed build never leaves a partial
@@ -32,11 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from distillation.cached_kd import SparseTargets
+from distillation.cached_kd import WEIGHT_UNITS, SparseTargets
 
 MANIFEST = "manifest.json"
 DATASET_SECTIONS = ("dataset", "validation_dataset")
-FORMAT = 2  # 2: systematic draws for sampled entries (1: independent ones)
+FORMAT = 3  # sampled entries: 3 the head exact and the rest drawn, 2 systematic draws as counts, 1 independent ones
 KEY_BYTES = 16
 ID_BYTES = 3
 MAX_VOCAB = 1 << (8 * ID_BYTES)
@@ -167,8 +168,8 @@ class CacheWriter:
             "ids": _pack_ids(entries.ids),
         }
         if self.kind == "sampled":
-            k = entries.weights.shape[1]
-            tensors["counts"] = (entries.weights * k).round().to(torch.uint8)  # weights are counts / k
+            units = (entries.weights.double() * WEIGHT_UNITS).round()  # exact: weights lie on that grid
+            tensors["weights"] = units.to(torch.uint8)
             tensors["neg_entropy"] = entries.neg_entropy.float()
         else:
             tensors["probs"] = entries.weights.float()
@@ -275,7 +276,7 @@ class TeacherCache:
             f = self._open[number] = safe_open(str(self.shards[number]), framework="pt")
         ids = _unpack_ids(f.get_slice("ids")[start:end])
         if self.kind == "sampled":
-            weights = f.get_slice("counts")[start:end].float() / self.k
+            weights = f.get_slice("weights")[start:end].to(torch.float32) / WEIGHT_UNITS
             return SparseTargets(ids, weights, f.get_slice("neg_entropy")[start:end])
         probs, tail = f.get_slice("probs")[start:end], f.get_slice("tail")[start:end]
         neg_entropy = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs)).sum(-1)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import leave_rank, spawn_ranks
-from distillation.cached_kd import SparseTargets, sample_generator, sampled_targets, topk_targets
+from distillation.cached_kd import WEIGHT_UNITS, SparseTargets, sample_generator, sampled_targets, topk_targets
 from distillation.fused_linear_kd import FusedLinearKDLoss
 from test_fused_linear_kd import IGNORE, assert_close, make_problem, reference, run
 
@@ -68,31 +68,48 @@ def test_topk_below_the_vocabulary_is_the_kl_of_its_buckets(k, kd_ratio, tempera
     assert_close(ours, reference, rtol=1e-10)
 
 
-def test_sampled_entries_are_distinct_ids_whose_counts_add_up_to_k():
+def test_sampled_entries_are_k_distinct_ids_whose_weights_add_up_to_one_on_the_uint8_grid():
     logits = torch.randn(50, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     targets = sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(2))
-    counts = (targets.weights * 12).round()
-    assert torch.equal(counts.sum(-1), torch.full((50,), 12.0, dtype=torch.float64))
-    for ids, c in zip(targets.ids, counts):
-        real = ids[c > 0]
-        assert real.unique().numel() == real.numel()
+    units = targets.weights * WEIGHT_UNITS
+    assert torch.equal(units, units.round())
+    assert torch.equal(units.sum(-1), torch.full((50,), float(WEIGHT_UNITS), dtype=torch.float64))
+    for ids, w in zip(targets.ids, targets.weights):
+        assert ids.unique().numel() == 12
     p = logits.softmax(-1)
     torch.testing.assert_close(targets.neg_entropy, (p * p.log()).sum(-1))
 
 
-def test_sampled_counts_are_k_times_p_rounded_down_or_up():
-    """Systematic draws: each token's count is floor(k p) or ceil(k p), and over seeds its mean is k p."""
+def head_size(p: torch.Tensor, k: int) -> int:
+    """Tokens of one row that a size-k sample with inclusion probabilities min(1, c p) keeps for certain, counted
+    one at a time from the most likely: the i-th is certain when (k - i - 1) p_i is at least the mass after it."""
+    ordered = p.sort(descending=True).values.tolist()
+    h, rest = 0, 1.0
+    while h < k and (k - h - 1) * ordered[h] >= rest - ordered[h]:
+        rest -= ordered[h]
+        h += 1
+    return h
+
+
+def test_sampled_head_keeps_exact_probabilities_and_each_draw_weighs_the_rest_over_the_remaining_slots():
+    """The certain tokens carry their own p, each of the other k - h slots (the rest's mass) / (k - h), to the
+    uint8 grid; over seeds every token's mean weight is its p."""
     logits = torch.randn(30, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2
     p = logits.softmax(-1)
-    counts = torch.stack([dense_counts(sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(seed)), 40)
-                          for seed in range(2000)])
-    assert ((counts >= (12 * p).floor()) & (counts <= (12 * p).ceil())).all()
-    torch.testing.assert_close(counts.mean(0), 12 * p, rtol=0, atol=0.05)
-
-
-def dense_counts(targets: SparseTargets, vocab: int) -> torch.Tensor:
-    return torch.zeros(len(targets), vocab, dtype=targets.weights.dtype).scatter_add_(
-        1, targets.ids, targets.weights * 12)
+    samples = [sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(seed)) for seed in range(2000)]
+    grid = 1.0 / WEIGHT_UNITS
+    heads = [head_size(row, 12) for row in p]
+    assert 0 < sum(heads) < 12 * len(heads)  # the case has heads and draws
+    for targets in samples[:20]:
+        for row, ids, w, h in zip(p, targets.ids, targets.weights, heads):
+            top = row.topk(h).indices
+            assert torch.equal(ids[:h], top)
+            torch.testing.assert_close(w[:h], row[top], rtol=0, atol=grid)
+            rest = 1.0 - row[top].sum()
+            torch.testing.assert_close(w[h:], torch.full((12 - h,), float(rest) / (12 - h), dtype=w.dtype),
+                                       rtol=0, atol=grid)
+    dense = torch.stack([torch.zeros_like(p).scatter_add_(1, t.ids, t.weights) for t in samples])
+    torch.testing.assert_close(dense.mean(0), p, rtol=0, atol=0.004)
 
 
 def test_sample_generator_depends_on_the_key_and_seed_only():

@@ -60,6 +60,20 @@ def test_a_stage_is_skipped_only_when_its_fingerprint_matches(tmp_path):
     assert not demo.Stage(tmp_path, "s", lr=1e-3, upstream="abd").fresh()
 
 
+def test_a_stage_rerun_with_the_same_settings_is_a_new_input_to_the_results(tmp_path):
+    """results.json is rebuilt from a stage's DONE record, which a rerun (its output deleted) renews."""
+    stage = demo.Stage(tmp_path, "s", lr=1e-3)
+    stage.dir.mkdir()
+    stage.fresh()
+    first = stage.done(rows=1)
+    again = demo.Stage(tmp_path, "s", lr=1e-3)
+    again.fresh()
+    (stage.dir / "DONE").unlink()
+    assert not again.fresh()
+    second = again.done(rows=1)
+    assert first["fingerprint"] == second["fingerprint"] and first != second == again.info()
+
+
 def test_a_stage_whose_checkpoint_is_gone_is_not_fresh(tmp_path):
     stage = demo.Stage(tmp_path, "s", lr=1e-3)
     (stage.dir / "ckpt").mkdir(parents=True)

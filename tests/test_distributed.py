@@ -36,6 +36,21 @@ def test_fsdp2_student_and_teacher_are_sharded_and_hold_the_checkpoint_weights(c
         assert rank["teacher"]["frozen"] and rank["teacher"]["eval"]
 
 
+def test_tp_splits_the_query_heads_of_a_layer_with_fewer_kv_heads_than_ranks(ckpts, tmp_path):
+    """The student's layer 3 keeps 1 KV head of 4 query heads: under TP=2 each rank holds half of its Q and O
+    projections, and the whole (one-head) K and V projections, of which it computes the head its queries read."""
+    ranks = build_report(ckpts, "llama", tmp_path, PARALLELISMS["tp2"])
+    for rank in ranks:
+        tp = rank["student"]["tp"]
+        attention = "model.layers.3.self_attn"
+        assert tp[f"{attention}.q_proj.weight"] == ["S(0)", [32, 64]]
+        assert tp[f"{attention}.o_proj.weight"] == ["S(1)", [64, 32]]
+        assert tp[f"{attention}.k_proj.weight"] == ["none", [16, 64]]
+        assert tp[f"{attention}.v_proj.weight"] == ["none", [16, 64]]
+        # Layer 1 keeps 2 KV heads, which divide: split by heads as before.
+        assert tp["model.layers.1.self_attn.k_proj.weight"] == ["S(0)", [16, 64]]
+
+
 @pytest.fixture(scope="module")
 def anymodel_teacher(ckpts, tmp_path_factory):
     """The tiny Llama teacher converted to ModelOpt's AnyModel layout, as Puzzletron's first step does."""

@@ -294,7 +294,9 @@ class Stage:
         return False
 
     def done(self, **info) -> dict:
-        info = {"fingerprint": self.fingerprint, "seconds": round(time.time() - self.started, 1), **info}
+        # ``finished`` tells a rerun of the same settings from the run before it (results.json depends on which).
+        info = {"fingerprint": self.fingerprint, "seconds": round(time.time() - self.started, 1),
+                "finished": time.time(), **info}
         (self.dir / "DONE").write_text(json.dumps(info, indent=1))
         log(f"{self.name}: done in {info['seconds']:.0f} s")
         return info
@@ -395,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         tournament.done(ranking=json.loads((tournament.dir / "summary.json").read_text())["ranking"])
 
     results_path = out / "results.json"
-    key = [s.fingerprint for s in (data, teacher, student, *runs.values(), *caches.values(), *cached_runs.values(),
-                                   candidate_b, tournament)]
+    key = [s.info() for s in (data, teacher, student, *runs.values(), *caches.values(), *cached_runs.values(),
+                              candidate_b, tournament)]
     if results_path.is_file() and json.loads(results_path.read_text()).get("inputs") == key:
         log("results: up to date, skipped")
         results = json.loads(results_path.read_text())
