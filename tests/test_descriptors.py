@@ -123,8 +123,9 @@ def tp_report(ckpts, tmp_path, extra=()):
 
 
 def test_gpt_oss_tensor_parallelism_splits_heads_sinks_and_expert_channels_per_layer(ckpts, tmp_path):
-    """Layer 0 (4 heads, 2 KV heads, experts 32 wide) is split; layer 2's single KV head and layer 3's 33
-    channels are not, so those blocks stay whole on both ranks. Routers are whole everywhere."""
+    """Layer 0 (4 heads, 2 KV heads, experts 32 wide) is split; layer 2 (1 KV head) by its query heads and
+    their sinks, its K/V projection whole on both ranks; layer 3's 33 channels are not, so its experts stay whole.
+    Routers are whole everywhere."""
     for rank in tp_report(ckpts, tmp_path):
         student, teacher = rank["student"], rank["teacher"]
         assert student["max_abs_diff"] == teacher["max_abs_diff"] == 0.0
@@ -138,7 +139,8 @@ def test_gpt_oss_tensor_parallelism_splits_heads_sinks_and_expert_channels_per_l
         assert tp[layer.format(0) + "mlp.experts.gate_up_proj_bias"] == ["S(1)", [4, 32]]
         assert tp[layer.format(0) + "mlp.experts.down_proj"] == ["S(1)", [4, 16, 64]]
         assert tp[layer.format(0) + "mlp.experts.down_proj_bias"] == ["none", [4, 64]]
-        assert tp[layer.format(2) + "self_attn.sinks"] == ["none", [4]]
+        assert tp[layer.format(2) + "self_attn.sinks"] == ["S(0)", [2]]
+        assert tp[layer.format(2) + "self_attn.q_proj.weight"] == ["S(0)", [32, 64]]
         assert tp[layer.format(2) + "self_attn.k_proj.weight"] == ["none", [16, 64]]
         assert tp[layer.format(2) + "mlp.experts.down_proj"] == ["S(1)", [2, 24, 64]]
         assert tp[layer.format(3) + "mlp.experts.gate_up_proj"] == ["none", [4, 64, 66]]
