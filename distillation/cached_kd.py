@@ -92,14 +92,16 @@ def topk_targets(logits: torch.Tensor, k: int, temperature: float) -> SparseTarg
     return SparseTargets(ids, weights, neg_entropy, tail)
 
 
-def sampled_targets(logits: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> SparseTargets:
+def sampled_targets(logits: torch.Tensor, k: int, temperature: float, offsets: torch.Tensor,
+                    rounding: torch.Tensor) -> SparseTargets:
     """A fixed-size sample of ``k`` distinct ids per row of ``softmax(logits / T)`` with unbiased weights: the head
     (tokens whose inclusion probability ``c p`` reaches 1) with its exact probabilities, then ``k - h`` systematic
     draws over the rest of the vocabulary, each weighing the rest's mass over ``k - h`` (see the module docstring).
     Weights are multiples of ``1 / WEIGHT_UNITS`` adding up to 1.
 
-    ``logits``: ``[tokens, vocab]``, the whole vocabulary. ``generator`` decides the draws (the cache seeds one per
-    sample, so a cache is the same whatever layout built it).
+    ``logits``: ``[tokens, vocab]``, the whole vocabulary. ``offsets`` and ``rounding``: ``[tokens, 1]`` uniforms in
+    ``[0, 1)`` that decide each row's draws and the rounding of its weights (:func:`draw_offsets`); a row's entry
+    depends on its own logits and uniforms only, so any split of the rows gives the same entries.
     """
     # Two [tokens, vocab] buffers and no other: at a 201,088 vocabulary on CPU, the fresh temporaries of a
     # log-softmax, its exp and an elementwise entropy cost 14 s of page faults per 1,024 tokens.
@@ -119,15 +121,14 @@ def sampled_targets(logits: torch.Tensor, k: int, temperature: float, generator:
     rest = k - h
     cdf = mass.scatter_(1, top_ids, torch.where(head, torch.zeros_like(top), top)).cumsum_(-1)
     rest_mass = cdf[:, -1:]
-    offsets = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     slot = torch.arange(k, device=cdf.device)[None, :] - h  # < 0: a head slot; else the draw's number
-    points = (offsets + slot.clamp(min=0)) / rest.clamp(min=1) * rest_mass
+    points = (offsets.to(cdf.dtype) + slot.clamp(min=0)) / rest.clamp(min=1) * rest_mass
     draws = torch.searchsorted(cdf, points, right=True).clamp_(max=cdf.shape[-1] - 1)
     in_head = slot < 0
     ids = torch.where(in_head, _pad(top_ids, k), draws)
     weights = torch.where(in_head, _pad(top, k), (rest_mass / rest.clamp(min=1)).expand(-1, k))
     weights = weights.masked_fill_(~in_head & (rest_mass <= 0), 0.0) / total
-    return SparseTargets(ids, _systematic_round(weights, generator), neg_entropy)
+    return SparseTargets(ids, _systematic_round(weights, rounding), neg_entropy)
 
 
 def _pad(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -135,15 +136,21 @@ def _pad(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, k - values.shape[1]))
 
 
-def _systematic_round(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _systematic_round(weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Each row's weights on the grid ``1 / WEIGHT_UNITS``, rounded down or up so that the row still adds up to 1
-    exactly and each weight keeps its expectation (the cumulative sums are rounded at one uniform offset)."""
+    exactly and each weight keeps its expectation (the cumulative sums are rounded at the row's uniform offset)."""
     cumulative = weights.double().cumsum(-1)
     cumulative = cumulative / cumulative[:, -1:] * WEIGHT_UNITS
-    offsets = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=torch.float64)
-    units = (cumulative + offsets).floor_()
+    units = (cumulative + offsets.double()).floor_()
     units = torch.diff(units, dim=-1, prepend=torch.zeros_like(units[:, :1]))
     return (units / WEIGHT_UNITS).to(weights.dtype)
+
+
+def draw_offsets(generator: torch.Generator, rows: int, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, rounding)`` for :func:`sampled_targets`: ``[rows, 1]`` uniforms in ``dtype``, then ``[rows, 1]``
+    in float64, drawn from ``generator`` in that order (the cache draws a sample's rows at once)."""
+    offsets = torch.rand(rows, 1, generator=generator, device=device, dtype=dtype)
+    return offsets, torch.rand(rows, 1, generator=generator, device=device, dtype=torch.float64)
 
 
 def sample_generator(key: bytes, seed: int, device="cpu") -> torch.Generator:

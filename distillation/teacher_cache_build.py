@@ -3,10 +3,10 @@
 Every data-parallel rank takes every ``dp``-th sample of the training and of the validation dataset (all of
 them, none dropped: a KD run at any layout may ask for any sample), batched as the KD run batches them, runs
 the teacher without its full logits (final hidden states, then the LM head a chunk of label tokens at a time,
-gathered over the vocabulary shards under TP), and writes one sparse entry per label token
-(``cached_kd.sampled_targets`` or ``topk_targets``) through ``teacher_cache.CacheWriter``. Under PP the batch
-goes through the pipeline schedule's ``eval`` and the last stage, which returns hidden states instead of
-logits, computes and writes the entries. Samples already in a shard are skipped, so a killed build resumes
+gathered over the vocabulary shards under TP, where each rank then computes the entries of its share of the rows),
+and writes one sparse entry per label token (``cached_kd.sampled_targets`` or ``topk_targets``) through
+``teacher_cache.CacheWriter``. Under PP the batch goes through the pipeline schedule's ``eval`` and the last
+stage, which returns hidden states instead of logits, computes and writes the entries. Samples already in a shard are skipped, so a killed build resumes
 where it stopped. Rank 0 then lists the shards in the manifest and marks it complete.
 """
 
@@ -145,21 +145,37 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
         rows = hidden[valid]
         widths = self._shard_widths(weight)
         chunk = max(1, ROWS_ELEMENTS // sum(widths))
-        kind, k, temperature = self.settings["kind"], self.settings["k"], self.settings["temperature"]
+        kind, seed = self.settings["kind"], self.settings["seed"]
         entries, start = [], 0
         for key, count in zip(keys, per_row):
-            generator = cached_kd.sample_generator(key, self.settings["seed"], rows.device)
+            # A sample's uniforms are drawn at once, so its entries do not depend on how its rows are chunked or split.
+            uniforms = cached_kd.draw_offsets(cached_kd.sample_generator(key, seed, rows.device), count,
+                                              device=rows.device) if kind == "sampled" else None
             parts = []
-            for first in range(start, start + count, chunk):
-                logits = self._full_vocab_logits(rows[first:min(first + chunk, start + count)], weight, widths)
-                if kind == "topk":
-                    parts.append(cached_kd.topk_targets(logits, k, temperature))
-                else:
-                    parts.append(cached_kd.sampled_targets(logits, k, temperature, generator))
+            for first in range(0, count, chunk):
+                block = slice(first, min(first + chunk, count))
+                logits = self._full_vocab_logits(rows[start + block.start:start + block.stop], weight, widths)
+                parts.append(self._chunk_entries(logits, None if uniforms is None else [u[block] for u in uniforms]))
             entries.append(cached_kd.SparseTargets.cat(parts).to("cpu", torch.float32) if parts else
-                           _empty(kind, k))
+                           _empty(kind, self.settings["k"]))
             start += count
         return entries
+
+    def _chunk_entries(self, logits: torch.Tensor, uniforms: "list[torch.Tensor] | None") -> cached_kd.SparseTargets:
+        """The entries of ``[n, vocab]`` full-vocabulary rows. Under TP every rank holds all ``n`` rows and computes
+        its contiguous share of them (the draws are most of a build's time), then the shares are all-gathered."""
+        kind, k, temperature = self.settings["kind"], self.settings["k"], self.settings["temperature"]
+        size = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+        rank = 0 if self.tp_group is None else dist.get_rank(self.tp_group)
+        bounds = [logits.shape[0] * r // size for r in range(size + 1)]
+        mine = slice(bounds[rank], bounds[rank + 1])
+        if kind == "topk":
+            local = cached_kd.topk_targets(logits[mine], k, temperature)
+        else:
+            local = cached_kd.sampled_targets(logits[mine], k, temperature, *(u[mine] for u in uniforms))
+        if size == 1:
+            return local
+        return _all_gather_rows(local, [hi - lo for lo, hi in zip(bounds, bounds[1:])], self.tp_group)
 
     def _pipeline_hidden_states(self, batch: dict, labels: torch.Tensor) -> "torch.Tensor | None":
         """``[B, S, H]`` final hidden states of ``batch`` run through the pipeline; None off the last stage."""
@@ -202,6 +218,24 @@ def _empty(kind: str, k: int) -> cached_kd.SparseTargets:
     """The entries of a sample without label tokens."""
     return cached_kd.SparseTargets(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0),
                                    torch.zeros(0) if kind == "topk" else None)
+
+
+def _all_gather_rows(local: cached_kd.SparseTargets, counts: list[int], group) -> cached_kd.SparseTargets:
+    """Every rank's ``counts[rank]`` entries, concatenated in rank order (sent as one float64 tensor per rank:
+    ids up to 2**53 and fp32 values are exact in it)."""
+    k = local.ids.shape[1]
+    columns = [local.ids.double(), local.weights.double(), local.neg_entropy.double()[:, None]]
+    if local.tail is not None:
+        columns.append(local.tail.double()[:, None])
+    packed = torch.cat(columns, dim=1)
+    padded = packed.new_zeros(max(counts), packed.shape[1])
+    padded[:packed.shape[0]] = packed
+    shards = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(shards, padded, group=group)
+    rows = torch.cat([shard[:count] for shard, count in zip(shards, counts)])
+    dtype = local.weights.dtype
+    return cached_kd.SparseTargets(rows[:, :k].long(), rows[:, k:2 * k].to(dtype), rows[:, 2 * k].to(dtype),
+                                   None if local.tail is None else rows[:, 2 * k + 1].to(dtype))
 
 
 def _max_over_ranks(value: int, device) -> int:

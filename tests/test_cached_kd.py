@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import leave_rank, spawn_ranks
-from distillation.cached_kd import WEIGHT_UNITS, SparseTargets, sample_generator, sampled_targets, topk_targets
+from distillation.cached_kd import (WEIGHT_UNITS, SparseTargets, draw_offsets, sample_generator, sampled_targets,
+                                    topk_targets)
 from distillation.fused_linear_kd import FusedLinearKDLoss
 from test_fused_linear_kd import IGNORE, assert_close, make_problem, reference, run
 
@@ -68,9 +69,15 @@ def test_topk_below_the_vocabulary_is_the_kl_of_its_buckets(k, kd_ratio, tempera
     assert_close(ours, reference, rtol=1e-10)
 
 
+def sampled(logits: torch.Tensor, k: int, seed: int, temperature: float = 1.0) -> SparseTargets:
+    """``sampled_targets`` with the uniforms of ``torch.Generator().manual_seed(seed)``."""
+    uniforms = draw_offsets(torch.Generator().manual_seed(seed), logits.shape[0], logits.dtype)
+    return sampled_targets(logits, k, temperature, *uniforms)
+
+
 def test_sampled_entries_are_k_distinct_ids_whose_weights_add_up_to_one_on_the_uint8_grid():
     logits = torch.randn(50, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    targets = sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(2))
+    targets = sampled(logits, 12, seed=2)
     units = targets.weights * WEIGHT_UNITS
     assert torch.equal(units, units.round())
     assert torch.equal(units.sum(-1), torch.full((50,), float(WEIGHT_UNITS), dtype=torch.float64))
@@ -96,7 +103,7 @@ def test_sampled_head_keeps_exact_probabilities_and_each_draw_weighs_the_rest_ov
     uint8 grid; over seeds every token's mean weight is its p."""
     logits = torch.randn(30, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2
     p = logits.softmax(-1)
-    samples = [sampled_targets(logits, 12, 1.0, torch.Generator().manual_seed(seed)) for seed in range(2000)]
+    samples = [sampled(logits, 12, seed) for seed in range(2000)]
     grid = 1.0 / WEIGHT_UNITS
     heads = [head_size(row, 12) for row in p]
     assert 0 < sum(heads) < 12 * len(heads)  # the case has heads and draws
@@ -110,6 +117,17 @@ def test_sampled_head_keeps_exact_probabilities_and_each_draw_weighs_the_rest_ov
                                        rtol=0, atol=grid)
     dense = torch.stack([torch.zeros_like(p).scatter_add_(1, t.ids, t.weights) for t in samples])
     torch.testing.assert_close(dense.mean(0), p, rtol=0, atol=0.004)
+
+
+def test_a_sampled_row_depends_on_its_own_logits_and_uniforms_only():
+    """The cache builder splits a batch's rows over TP ranks: any split must give the same entries."""
+    logits = torch.randn(9, 40, generator=torch.Generator().manual_seed(5)) * 2
+    offsets, rounding = draw_offsets(torch.Generator().manual_seed(6), 9)
+    whole = sampled_targets(logits, 12, 1.0, offsets, rounding)
+    parts = [sampled_targets(logits[rows], 12, 1.0, offsets[rows], rounding[rows])
+             for rows in (slice(0, 4), slice(4, 9))]
+    for name in ("ids", "weights", "neg_entropy"):
+        assert torch.equal(getattr(whole, name), torch.cat([getattr(p, name) for p in parts]))
 
 
 def test_sample_generator_depends_on_the_key_and_seed_only():
@@ -129,7 +147,7 @@ def test_sampled_gradient_is_unbiased_where_topk_of_the_same_size_is_not():
     logits_t = teacher_logits(h_t, w_t, labels)
     online = reference(h_s, w_s, h_t, w_t, labels, temperature=1.0, kd_ratio=1.0)[4]
     grads = torch.stack([
-        cached_run(h_s, w_s, sampled_targets(logits_t, 12, 1.0, torch.Generator().manual_seed(seed)), labels,
+        cached_run(h_s, w_s, sampled(logits_t, 12, seed), labels,
                    temperature=1.0, kd_ratio=1.0)[4]
         for seed in range(400)])
     stderr = grads.std(0) / 400**0.5 + 1e-12
@@ -164,7 +182,7 @@ def _tp_case(kind: str, k: int, temperature: float):
     logits_t = teacher_logits(h_t, w_t, labels)
     if kind == "topk":
         return h_s, w_s, topk_targets(logits_t, k, temperature), labels
-    return h_s, w_s, sampled_targets(logits_t, k, temperature, torch.Generator().manual_seed(k)), labels
+    return h_s, w_s, sampled(logits_t, k, seed=k, temperature=temperature), labels
 
 
 def _tp_worker(rank: int, port: int, out_dir: str):
