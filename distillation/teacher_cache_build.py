@@ -3,7 +3,7 @@
 Every data-parallel rank takes every ``dp``-th sample of the training and of the validation dataset (all of
 them, none dropped: a KD run at any layout may ask for any sample), batched as the KD run batches them, runs
 the teacher without its full logits (final hidden states, then the LM head a chunk of label tokens at a time,
-gathered over the vocabulary shards under TP, where each rank then computes the entries of its share of the rows),
+under TP each rank gathers the vocabulary shards of a share of the rows and computes their entries),
 and writes one sparse entry per label token (``cached_kd.sampled_targets`` or ``topk_targets``) through
 ``teacher_cache.CacheWriter``. Under PP the batch goes through the pipeline schedule's ``eval`` and the last
 stage, which returns hidden states instead of logits, computes and writes the entries. Samples already in a shard are skipped, so a killed build resumes
@@ -154,25 +154,28 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
             parts = []
             for first in range(0, count, chunk):
                 block = slice(first, min(first + chunk, count))
-                logits = self._full_vocab_logits(rows[start + block.start:start + block.stop], weight, widths)
-                parts.append(self._chunk_entries(logits, None if uniforms is None else [u[block] for u in uniforms]))
+                parts.append(self._chunk_entries(rows[start + block.start:start + block.stop], weight, widths,
+                                                 None if uniforms is None else [u[block] for u in uniforms]))
             entries.append(cached_kd.SparseTargets.cat(parts).to("cpu", torch.float32) if parts else
                            _empty(kind, self.settings["k"]))
             start += count
         return entries
 
-    def _chunk_entries(self, logits: torch.Tensor, uniforms: "list[torch.Tensor] | None") -> cached_kd.SparseTargets:
-        """The entries of ``[n, vocab]`` full-vocabulary rows. Under TP every rank holds all ``n`` rows and computes
-        its contiguous share of them (the draws are most of a build's time), then the shares are all-gathered."""
+    def _chunk_entries(self, hidden: torch.Tensor, weight: torch.Tensor, widths: list[int],
+                       uniforms: "list[torch.Tensor] | None") -> cached_kd.SparseTargets:
+        """The entries of ``n`` label tokens' ``[n, H]`` final hidden states. Under TP each rank takes a contiguous
+        share of the rows, receives their full-vocabulary logits and computes their entries (the draws are most of
+        a build's time); the shares' entries are then all-gathered."""
         kind, k, temperature = self.settings["kind"], self.settings["k"], self.settings["temperature"]
         size = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
         rank = 0 if self.tp_group is None else dist.get_rank(self.tp_group)
-        bounds = [logits.shape[0] * r // size for r in range(size + 1)]
+        bounds = [hidden.shape[0] * r // size for r in range(size + 1)]
         mine = slice(bounds[rank], bounds[rank + 1])
+        logits = self._full_vocab_rows(hidden, weight, widths, bounds)
         if kind == "topk":
-            local = cached_kd.topk_targets(logits[mine], k, temperature)
+            local = cached_kd.topk_targets(logits, k, temperature)
         else:
-            local = cached_kd.sampled_targets(logits[mine], k, temperature, *(u[mine] for u in uniforms))
+            local = cached_kd.sampled_targets(logits, k, temperature, *(u[mine] for u in uniforms))
         if size == 1:
             return local
         return _all_gather_rows(local, [hi - lo for lo, hi in zip(bounds, bounds[1:])], self.tp_group)
@@ -202,16 +205,23 @@ class TeacherCacheRecipe(TrainFinetuneRecipeForNextTokenPrediction):
         dist.all_gather(widths, local, group=self.tp_group)
         return [int(w) for w in widths]
 
-    def _full_vocab_logits(self, hidden: torch.Tensor, weight: torch.Tensor, widths: list[int]) -> torch.Tensor:
-        """``[n, vocab]`` fp32 teacher logits of ``n`` label tokens, the tp ranks' vocabulary rows gathered."""
-        local = (hidden @ weight.T).float()
+    def _full_vocab_rows(self, hidden: torch.Tensor, weight: torch.Tensor, widths: list[int],
+                         bounds: list[int]) -> torch.Tensor:
+        """``[rows of this rank's share, vocab]`` fp32 teacher logits; under TP each share's vocabulary shards are
+        gathered on the rank that owns it (tp rounds of a gather: each rank receives its rows only)."""
         if self.tp_group is None:
-            return local
-        padded = torch.zeros(local.shape[0], max(widths), dtype=local.dtype, device=local.device)
-        padded[:, :local.shape[1]] = local
-        shards = [torch.empty_like(padded) for _ in widths]
-        dist.all_gather(shards, padded, group=self.tp_group)
-        return torch.cat([shard[:, :width] for shard, width in zip(shards, widths)], dim=1)
+            return (hidden @ weight.T).float()
+        rank, longest = dist.get_rank(self.tp_group), max(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+        mine = None
+        for owner, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            local = (hidden[lo:hi] @ weight.T).float()
+            padded = local.new_zeros(longest, max(widths))
+            padded[:hi - lo, :local.shape[1]] = local
+            shards = [torch.empty_like(padded) for _ in widths] if owner == rank else None
+            dist.gather(padded, shards, dst=dist.get_global_rank(self.tp_group, owner), group=self.tp_group)
+            if owner == rank:
+                mine = torch.cat([shard[:hi - lo, :width] for shard, width in zip(shards, widths)], dim=1)
+        return mine
 
 
 def _empty(kind: str, k: int) -> cached_kd.SparseTargets:
