@@ -20,7 +20,7 @@ block of each layer gets one of three treatments on the ``tp`` mesh:
     rank's query heads read. That head's gradient on a rank is its own query heads' part, so the KV
     weights' gradients and the block input's are summed over TP.
 ``replicated``
-    The block does not divide otherwise: the block gets no entries, so its parameters are whole (``Replicate``)
+    The block splits in none of these ways: it gets no entries, so its parameters are whole (``Replicate``)
     on every TP rank, every rank computes the full block, and :class:`ReplicateOnTP` marks the
     parameters for ``synchronize_tp_replica_gradients`` (called by the KD recipe before the
     grad norm) to mean-reduce their identical gradients. Under sequence parallelism the block

@@ -132,7 +132,8 @@ def main():
           f"{datetime.date.today()}, fp32; Llama student, hidden {args.hidden}, {HEADS} query heads and 1 KV head in "
           f"each of 4 layers; global batch {args.global_batch}, {args.steps} steps, medians after {args.warmup} "
           f"warm-up steps, median of {args.rounds} alternating rounds.\n")
-    print("| attention of the 1-KV-head layers | parameter MB per rank | attention MB per rank | step (s) | rounds (s) |")
+    print("| attention of the 1-KV-head layers | parameter MB per rank | attention MB per rank | step (s) "
+          "| rounds (s) |")
     print("|---|---|---|---|---|")
     for layout, results in runs.items():
         steps = [r["step_s"] for r in results]

@@ -146,7 +146,8 @@ def _systematic_round(weights: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     return (units / WEIGHT_UNITS).to(weights.dtype)
 
 
-def draw_offsets(generator: torch.Generator, rows: int, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def draw_offsets(generator: torch.Generator, rows: int, dtype=torch.float32,
+                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``(offsets, rounding)`` for :func:`sampled_targets`: ``[rows, 1]`` uniforms in ``dtype``, then ``[rows, 1]``
     in float64, drawn from ``generator`` in that order (the cache draws a sample's rows at once)."""
     offsets = torch.rand(rows, 1, generator=generator, device=device, dtype=dtype)

@@ -6,8 +6,9 @@ the teacher without its full logits (final hidden states, then the LM head a chu
 under TP each rank gathers the vocabulary shards of a share of the rows and computes their entries),
 and writes one sparse entry per label token (``cached_kd.sampled_targets`` or ``topk_targets``) through
 ``teacher_cache.CacheWriter``. Under PP the batch goes through the pipeline schedule's ``eval`` and the last
-stage, which returns hidden states instead of logits, computes and writes the entries. Samples already in a shard are skipped, so a killed build resumes
-where it stopped. Rank 0 then lists the shards in the manifest and marks it complete.
+stage, which returns hidden states instead of logits, computes and writes the entries. Samples already in a shard
+are skipped, so a killed build resumes where it stopped. Rank 0 then lists the shards in the manifest and marks it
+complete.
 """
 
 import copy
