@@ -15,7 +15,7 @@ from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
 from common import flops
-from distillation import fused_kd_forward, hidden_kd, teacher_cache
+from distillation import fused_kd_forward, hidden_kd, separate_meshes, teacher_cache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +51,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - KD from a teacher cache (``teacher_cache.path``, built by ``--mode teacher_cache``): no teacher is built;
       each batch's sparse teacher entries are looked up by sample (``distillation/teacher_cache.py``) and the
       fused loss computes forward KL from them (``distillation/cached_kd.py``), in training and validation.
+    - The teacher on its own ranks (``separate_meshes: true``) with the fused loss and hidden-state KD: the teacher
+      ranks send final hidden states and the named layers' outputs instead of logits, the student ranks hold the
+      teacher's LM-head rows (``distillation/separate_meshes.py``); ``teacher_bytes`` received per step is logged.
     """
 
     def setup(self):
@@ -61,6 +64,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self.teacher_cache = None
         if self.cfg.get("teacher_cache.path", None) is None:
             super().setup()
+            if self.separate_meshes:
+                self._setup_separate_meshes()
             return
         TrainFinetuneRecipeForNextTokenPrediction.setup(self)
         self.teacher_model = self.teacher_pp = None
@@ -73,13 +78,24 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     def _setup_kd_state(self) -> None:
         """The parent's KD state (``kd_loss_fn``, ``kd_ratio``, loss buffers), plus the fused loss built from them.
 
-        Runs after student and teacher are built. Under PP it also makes both last stages return hidden states.
+        Runs after student and teacher are built (with ``separate_meshes``, before the teacher: the rest is done by
+        :meth:`_setup_separate_meshes`). Under PP it also makes both last stages return hidden states.
         """
         super()._setup_kd_state()
-        if hidden_kd.enabled(self.cfg):
-            self._setup_hidden_kd()
-        if not self.fused_linear_loss:
+        self._teacher_rows = self._teacher_layer_outputs = None
+        self._teacher_bytes = 0
+        if getattr(self, "separate_meshes", False):
             return
+        if hidden_kd.enabled(self.cfg):
+            teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
+            config = teacher_parts[0].config.get_text_config()
+            self._setup_hidden_kd(teacher_parts, config.hidden_size, config.num_hidden_layers)
+        if self.fused_linear_loss:
+            self._setup_fused_loss()
+
+    def _setup_fused_loss(self) -> None:
+        """``FusedLinearKDLoss`` and the parts whose LM heads it reads (the teacher's: None on a separate mesh or
+        from a cache)."""
         if self.pp_enabled:
             student = fused_kd_forward.last_stage_part(self.model_parts, self.pp.info.stages)
             teacher = None if self.teacher_pp is None else fused_kd_forward.last_stage_part(
@@ -97,21 +113,51 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self.fused_kd_loss = fused_kd_forward.build_loss(self.kd_loss_fn, self.loss_fn, self.kd_ratio, tp_group)
         self._fused_lm_head_parts = (student, teacher)
 
-    def _setup_hidden_kd(self) -> None:
-        """Hooks for ``hidden_kd`` on both models' decoder layers (all of them, or this rank's pipeline stages)."""
+    def _setup_hidden_kd(self, teacher_parts, teacher_width: int, teacher_depth: int) -> None:
+        """Hooks for ``hidden_kd`` on the student's decoder layers and, unless ``teacher_parts`` is None (a teacher
+        on other ranks), the teacher's (all of them, or this rank's pipeline stages)."""
         weight, kind, layers = hidden_kd.settings(self.cfg)
-        teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
-        configs = [parts[0].config.get_text_config() for parts in (self.model_parts, teacher_parts)]
-        hidden_kd.check_widths(*(config.hidden_size for config in configs))  # preflight could not, for hub ids
-        depths = [config.num_hidden_layers for config in configs]
+        config = self.model_parts[0].config.get_text_config()
+        hidden_kd.check_widths(config.hidden_size, teacher_width)  # preflight could not, for hub ids
         mesh = self.device_mesh
         tp = mesh["tp"] if mesh is not None and "tp" in mesh.mesh_dim_names else None
         self.hidden_kd = hidden_kd.HiddenStateKD(
-            self.model_parts, teacher_parts, weight, kind, hidden_kd.layer_pairs(layers, *depths),
+            self.model_parts, teacher_parts, weight, kind,
+            hidden_kd.layer_pairs(layers, config.num_hidden_layers, teacher_depth),
             tp_group=tp.get_group() if tp is not None and tp.size() > 1 else None,
             pp_group=mesh["pp"].get_group() if self.pp_enabled else None)
         if self.pp_enabled:
-            self.hidden_kd.pause_during_shape_inference([*self.pp.info.stages, *self.teacher_pp.info.stages])
+            teacher_stages = [] if self.teacher_pp is None else self.teacher_pp.info.stages
+            self.hidden_kd.pause_during_shape_inference([*self.pp.info.stages, *teacher_stages])
+
+    def _setup_separate_meshes(self) -> None:
+        """With the teacher on its own ranks and the fused loss or ``hidden_kd``: each side sends the other what it
+        needs once (the student its depth; the teacher its width, depth and, for the fused loss, its LM head), then
+        the student builds its losses and the teacher its layer recorder (``distillation/separate_meshes.py``)."""
+        hidden = hidden_kd.enabled(self.cfg)
+        if not (self.fused_linear_loss or hidden):
+            return
+        bridge = self.kd_mesh_bridge
+        student = None
+        if bridge.is_student:
+            student = {"num_hidden_layers": self.model_parts[0].config.get_text_config().num_hidden_layers}
+        for wave in range(bridge.num_waves):
+            student = bridge.send_batch(wave, student) or student
+        if bridge.is_teacher:
+            description = separate_meshes.teacher_description(
+                self.teacher_model, fused_kd_forward.lm_head_dtype(self.teacher_model), self.fused_linear_loss)
+            if hidden:
+                depth = description["num_hidden_layers"]
+                pairs = hidden_kd.layer_pairs(hidden_kd.settings(self.cfg)[2], student["num_hidden_layers"], depth)
+                self._teacher_layer_outputs = hidden_kd.TeacherLayerOutputs(self.teacher_model, [t for _, t in pairs])
+            separate_meshes.exchange_once(bridge, description)
+            return
+        teacher = separate_meshes.exchange_once(bridge, None)
+        if hidden:
+            self._setup_hidden_kd(None, teacher["hidden_size"], teacher["num_hidden_layers"])
+        if self.fused_linear_loss:
+            self._setup_fused_loss()
+            self._teacher_rows = separate_meshes.vocab_rows(teacher["lm_head"], self.fused_kd_loss.tp_group)
 
     def _begin_hidden_kd(self, labels: torch.Tensor, microbatch_size: int | None, grad_scale: float) -> None:
         """Hand ``hidden_kd`` this batch's label mask (``[B, S]``, split into pipeline microbatches)."""
@@ -139,9 +185,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         if not self.fused_linear_loss:
             return super()._forward_backward_step(
                 idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
-        teacher_targets = None
+        teacher_targets = separate_hidden = None
         if self.teacher_cache is not None and self.kd_ratio > 0:
             teacher_targets = self.teacher_cache.batch_targets(batch)
+        if getattr(self, "separate_meshes", False):
+            separate_hidden = self._get_separate_teacher_logits(batch)
         batch = {k: v.to(self.dist_env.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -155,7 +203,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             sync_ctx = get_sync_ctx(student, idx == num_batches - 1, defer_fsdp_grad_sync=defer)
         with train_ctx(), sync_ctx:
             teacher_inputs = (None, None)
-            if teacher is not None and (self.kd_ratio > 0 or self.hidden_kd is not None):
+            if separate_hidden is not None and self.kd_ratio > 0:
+                teacher_inputs = self._teacher_lm_head_inputs(teacher, separate_hidden)
+            elif teacher is not None and (self.kd_ratio > 0 or self.hidden_kd is not None):
                 with ScopedModuleOffloading(teacher, enabled=self._offload_teacher_model), torch.no_grad():
                     teacher_hidden = fused_kd_forward.final_hidden_states(teacher, batch)
                     if self.kd_ratio > 0:
@@ -170,12 +220,46 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 (loss * self._get_dp_group_size(include_cp=True)).backward()
         return loss.detach(), kd_loss, ce_loss
 
+    def _teacher_lm_head_inputs(self, teacher, hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [B, S, H], rows [V/tp, H])`` of the teacher's LM head for the fused loss, its rows held here when
+        the teacher runs on other ranks."""
+        if self._teacher_rows is None:
+            return fused_kd_forward.lm_head_inputs(teacher, hidden)
+        return hidden.to(self._teacher_rows.dtype), self._teacher_rows
+
+    def _get_separate_teacher_logits(self, batch):
+        """The parent's request to the teacher ranks; what they send is counted in ``teacher_bytes`` and, with
+        ``hidden_kd``, its layer outputs go to the student's hooks. Returns the logits or final hidden states."""
+        received = super()._get_separate_teacher_logits(batch)
+        self._teacher_bytes += separate_meshes.nbytes(received)
+        if not isinstance(received, dict):
+            return received
+        if self.hidden_kd is not None:
+            self.hidden_kd.receive(received["layers"], self.pipeline_config.pp_microbatch_size
+                                   if self.pp_enabled else None)
+        return received["output"]
+
+    @torch.no_grad()
+    def _teacher_forward_separate(self, batch):
+        """On the teacher ranks: the parent's logits, or with ``fused_linear_loss`` the final hidden states
+        ``[B, S, H]``; with ``hidden_kd``, ``{"output": either, "layers": {t: [B, S, H]}}``."""
+        if self.fused_linear_loss:
+            output = separate_meshes.final_hidden_states(self.teacher_model, batch, self.dist_env.device)
+        else:
+            output = super()._teacher_forward_separate(batch)
+        if self._teacher_layer_outputs is None:
+            return output
+        return {"output": output, "layers": self._teacher_layer_outputs.take(batch["labels"].shape[1])}
+
     def _run_train_optim_step(self, batches, max_grad_norm: float | None = None):
         """The parent's step; raises :class:`NonFiniteLossError` when a logged loss term is NaN or infinite.
 
         The terms are all-reduced over data-parallel ranks, so every rank raises at the same step.
         """
+        self._teacher_bytes = 0
         sample = super()._run_train_optim_step(batches, max_grad_norm)
+        if getattr(self, "separate_meshes", False):
+            sample.metrics["teacher_bytes"] = self._teacher_bytes
         if self.hidden_kd is not None:
             sample.metrics["hidden_loss"] = self._hidden_kd_loss(sample.metrics["num_label_tokens"])
             sample.metrics["loss"] += self.hidden_kd.weight * sample.metrics["hidden_loss"]
@@ -220,6 +304,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         m = log_data.metrics
         mfu = "n/a" if m.get("mfu") is None else f"{m['mfu']:.2f}%"
         hidden = f" | hidden_loss {m['hidden_loss']:.4f}" if "hidden_loss" in m else ""
+        hidden += f" | teacher_bytes {m['teacher_bytes']}" if "teacher_bytes" in m else ""
         logging.info(
             f"step {log_data.step} | epoch {log_data.epoch} | loss {m['loss']:.4f} | ce_loss {m['ce_loss']:.4f} | "
             f"kd_loss {m['kd_loss']:.4f}{hidden} | grad_norm {m['grad_norm']:.4f} | lr {m['lr']:.2e} | "
@@ -249,16 +334,17 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         Both last stages return hidden states, so what the teacher's capture hands over in
         ``_current_teacher_logits`` are its ``[mb, S, H]`` hidden states. Like the parent's, it returns token
         sums (CE with ``num_label_tokens=None``, KD with ``num_batch_labels=1``) and buffers CE and KD; the
-        recipe divides by the step's label count afterwards.
+        recipe divides by the step's label count afterwards. The LM-head parts are read per call: with
+        ``separate_meshes`` the parent installs this loss before they are known.
         """
-        student, teacher = self._fused_lm_head_parts
 
         def pp_fused_kd_loss_fn(hidden, target, **kwargs):
+            student, teacher = self._fused_lm_head_parts
             teacher_inputs, teacher_targets = (None, None), None
             if self.teacher_cache is not None:
                 teacher_targets = self._current_teacher_targets.pop(0) if self.kd_ratio > 0 else None
             else:
-                teacher_inputs = fused_kd_forward.lm_head_inputs(teacher, self._current_teacher_logits.pop(0))
+                teacher_inputs = self._teacher_lm_head_inputs(teacher, self._current_teacher_logits.pop(0))
             student_inputs = fused_kd_forward.lm_head_inputs(
                 student, hidden, grad_reduce_group=self._get_dp_group(include_cp=True))
             labels = fused_kd_forward.loss_labels(target, self.loss_fn)

@@ -32,8 +32,9 @@ calls them. All of them are AutoModel's own hooks for its fused cross-entropy (`
 
 Refused before any weights load (:func:`check_config`, one line, ``run.py`` exit code 2): a
 ``kd_loss_fn`` other than ``loss.KDLoss`` or a ``loss_fn`` other than a sum-reduced
-``MaskedCrossEntropy`` (the fused loss implements exactly those), context parallelism (GPU-only here and
-not tested with the fused loss) and ``separate_meshes`` (teacher logits shipped between meshes).
+``MaskedCrossEntropy`` (the fused loss implements exactly those) and context parallelism (GPU-only here and
+not tested with the fused loss). With ``separate_meshes`` the teacher's hidden states cross between the meshes
+(``separate_meshes.py``).
 """
 
 import torch
@@ -82,10 +83,6 @@ def check_config(cfg) -> None:
         raise FusedLinearLossError(
             f"fused_linear_loss: distributed.cp_size={cfg.get('distributed.cp_size')} is not supported (context "
             f"parallelism needs CUDA and is untested with the fused loss): set distributed.cp_size=1 {FIX}")
-    if cfg.get("separate_meshes", False):
-        raise FusedLinearLossError(
-            "fused_linear_loss: separate_meshes=true ships teacher logits between meshes: "
-            f"set separate_meshes=false {FIX}")
 
 
 def _name(target) -> str:
@@ -174,11 +171,8 @@ def lm_head_inputs(model: nn.Module, hidden, grad_reduce_group=None) -> tuple[to
     with respect to the parameter when it requires grad (a frozen teacher's are detached). Layouts and where
     their gradients go: module docstring.
     """
-    lm_head = get_lm_head_module(model)
-    weight = lm_head.weight
-    dtype = weight.dtype
-    if isinstance(lm_head, FSDPModule):
-        dtype = lm_head._get_fsdp_state()._mp_policy.param_dtype or dtype
+    weight = get_lm_head_module(model).weight
+    dtype = lm_head_dtype(model)
     if isinstance(weight, DTensor):
         mesh, placements = weight.device_mesh, weight.placements
         if _tp_group(weight) is None:
@@ -196,6 +190,15 @@ def lm_head_inputs(model: nn.Module, hidden, grad_reduce_group=None) -> tuple[to
     if not weight.requires_grad:
         weight = weight.detach()  # a teacher offloaded after its forward keeps these rows where they were
     return replicated_hidden_states(hidden).to(dtype), weight.to(dtype)
+
+
+def lm_head_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s LM head computes in: FSDP2's mixed-precision ``param_dtype`` for a head that is its own
+    FSDP unit, else its weight's."""
+    lm_head = get_lm_head_module(model)
+    if isinstance(lm_head, FSDPModule):
+        return lm_head._get_fsdp_state()._mp_policy.param_dtype or lm_head.weight.dtype
+    return lm_head.weight.dtype
 
 
 def last_stage_part(model_parts, stages) -> "nn.Module | None":

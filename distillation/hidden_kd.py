@@ -36,8 +36,12 @@ Memory: per pair, one ``[mb, S, H]`` teacher output from the teacher's forward t
 then one injected gradient of that size until the backward reaches the layer (under PP: for every microbatch of the
 step in flight, as the teacher's logits are). With ``layers: all`` that is about two more layer outputs per layer.
 
-Context parallelism and ``separate_meshes`` are refused before any weights
-load, as is a pair whose hidden sizes differ (this module learns no projection).
+Separate meshes (the teacher on its own ranks, ``separate_meshes.py``): :class:`TeacherLayerOutputs` records the
+named teacher layers' outputs on the teacher ranks, which send them with the batch's other teacher output; the
+student's :class:`HiddenStateKD` has no teacher hooks and takes them in :meth:`HiddenStateKD.receive`.
+
+Context parallelism is refused before any weights load, as is a pair whose hidden sizes differ (this module
+learns no projection).
 """
 
 from collections import deque
@@ -86,9 +90,6 @@ def check_config(cfg, student: Checkpoint, teacher: Checkpoint) -> None:
         raise HiddenKDError(f"hidden_kd: distributed.cp_size={cfg.get('distributed.cp_size')} is not supported "
                             "(context parallelism is untested with hidden-state KD): set distributed.cp_size=1 or "
                             "hidden_kd.weight=0")
-    if cfg.get("separate_meshes", False):
-        raise HiddenKDError("hidden_kd: separate_meshes=true runs the teacher elsewhere, so its hidden states are "
-                            "not here: set separate_meshes=false or hidden_kd.weight=0")
     if student.config is None or teacher.config is None:
         return  # hub ids: checked against the built models at setup
     depths = (_depth_on_disk(student), _depth_on_disk(teacher))
@@ -187,7 +188,8 @@ class HiddenStateKD:
 
     Args:
         student_parts: The student's model parts (one, or this rank's pipeline stages).
-        teacher_parts: The teacher's, split the same way.
+        teacher_parts: The teacher's, split the same way; None when the teacher runs on other ranks (its layer
+            outputs then come through :meth:`receive`).
         weight, kind, pairs: ``hidden_kd.weight``, ``.loss`` and :func:`layer_pairs`.
         tp_group: The tensor-parallel group (sequence-parallel sums are added over it), or None.
         pp_group: The pipeline group (each stage sums its own pairs), or None.
@@ -200,8 +202,9 @@ class HiddenStateKD:
                  tp_group=None, pp_group=None):
         self.weight, self.kind, self.pairs = float(weight), kind, pairs
         self.tp_group, self.pp_group = tp_group, pp_group
+        self.remote_teacher = teacher_parts is None
         student_layers = {i: m for part in student_parts for i, m in decoder_layers(part).items()}
-        teacher_layers = {i: m for part in teacher_parts for i, m in decoder_layers(part).items()}
+        teacher_layers = {i: m for part in teacher_parts or [] for i, m in decoder_layers(part).items()}
         self._check_pairs_are_local(student_layers, teacher_layers)
         self._teacher_outputs = [deque() for _ in pairs]  # per pair: one [B, S, H] per microbatch not yet used
         self._microbatch = [0] * len(pairs)
@@ -236,7 +239,7 @@ class HiddenStateKD:
             if not holders:
                 raise HiddenKDError(f"hidden_kd.layers: the student has no layer {s}: set hidden_kd.layers to its "
                                     "layers")
-            if not any(t in layouts[rank][1] for rank in holders):
+            if not self.remote_teacher and not any(t in layouts[rank][1] for rank in holders):
                 raise HiddenKDError(
                     f"hidden_kd.layers: student layer {s} and teacher layer {t} are in different pipeline stages, "
                     f"so the stage that trains {s} never sees {t}: pair layers the pipeline split keeps together, "
@@ -254,6 +257,13 @@ class HiddenStateKD:
         for queue in self._teacher_outputs:
             queue.clear()
         self._grad_scale = grad_scale * self.weight / len(self.pairs)
+
+    def receive(self, outputs: dict, microbatch_size: "int | None" = None) -> None:
+        """The teacher's layer outputs for the batch just begun, from the teacher ranks: ``{t: [B, S, H]}``, whole
+        (split into pipeline microbatches of ``microbatch_size``). Call after :meth:`begin`."""
+        for p, (_, t) in enumerate(self.pairs):
+            hidden = outputs[t]
+            self._teacher_outputs[p].extend(hidden.split(microbatch_size) if microbatch_size else [hidden])
 
     @contextmanager
     def paused(self):
@@ -352,6 +362,29 @@ class HiddenStateKD:
     def hidden_loss(self, sums: torch.Tensor, num_label_tokens: int) -> float:
         """``H`` from :meth:`take_sums`' sums and the step's (or validation pass's) label-token count."""
         return float(sums.sum() / len(self.pairs) / max(num_label_tokens, 1))
+
+
+class TeacherLayerOutputs:
+    """On the ranks of a teacher that runs apart from its student: the outputs ``[B, S, H]`` of the teacher layers
+    ``layers`` in its last forward, whole (a sequence-parallel ``Shard(1)`` output all-gathered), for
+    :meth:`HiddenStateKD.receive` on the student ranks."""
+
+    def __init__(self, teacher: nn.Module, layers):
+        self._outputs = {}
+        found = decoder_layers(teacher)
+        self._handles = [found[t].register_forward_hook(self._record(t)) for t in sorted(set(layers))]
+
+    def _record(self, layer: int):
+        def record(module, args, output):
+            hidden = _hidden(output).detach()
+            self._outputs[layer] = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+
+        return record
+
+    def take(self, sequence_length: int) -> dict:
+        """``{t: [B, sequence_length, H]}`` of the last forward; forgets them."""
+        outputs, self._outputs = self._outputs, {}
+        return {t: hidden.narrow(1, 0, sequence_length).contiguous() for t, hidden in outputs.items()}
 
 
 def _recomputing() -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from architectures import descriptors, registry
 from common.checkpoint import Checkpoint
 from common.errors import AnyModelError, PreflightError
-from distillation import fused_kd_forward, hidden_kd
+from distillation import fused_kd_forward, hidden_kd, separate_meshes
 from loss import DIVERGENCES
 from safety import paths, resume, teacher_cache_checks
 
@@ -121,18 +121,26 @@ def check_numbers(cfg) -> None:
 
 
 def check_parallel_sizes(cfg, world_size: int) -> None:
-    """Positive integer sizes whose product divides the number of processes; no expert parallelism."""
+    """Positive integer sizes whose product divides the number of processes; no expert parallelism. With
+    ``separate_meshes``, each mesh's sizes against its share of the processes."""
+    meshes = {"distributed": world_size}
+    if separate_meshes.enabled(cfg):
+        meshes = separate_meshes.check_config(cfg, world_size)
+    for section, processes in meshes.items():
+        _check_mesh_sizes(cfg, section, processes)
+
+
+def _check_mesh_sizes(cfg, section: str, world_size: int) -> None:
     sizes = {}
     for name in PARALLEL_SIZES:
-        value = cfg.get(f"distributed.{name}", 1)
-        if value is None:
-            value = 1
+        value = cfg.get(f"{section}.{name}", 1)
+        value = 1 if value is None else value
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise PreflightError(f"distributed.{name}={value!r} must be an integer >= 1")
+            raise PreflightError(f"{section}.{name}={value!r} must be an integer >= 1")
         sizes[name] = value
     if sizes["ep_size"] > 1:
-        raise PreflightError(f"distributed.ep_size={sizes['ep_size']} is not supported (no MoE expert parallelism "
-                             "in this example); set distributed.ep_size=1")
+        raise PreflightError(f"{section}.ep_size={sizes['ep_size']} is not supported (no MoE expert parallelism "
+                             f"in this example); set {section}.ep_size=1")
     model_parallel = sizes["tp_size"] * sizes["pp_size"] * sizes["cp_size"]
     if world_size % model_parallel:
         raise PreflightError(
@@ -140,12 +148,12 @@ def check_parallel_sizes(cfg, world_size: int) -> None:
             f"{model_parallel} does not divide the {world_size} processes; launch a multiple of {model_parallel} "
             "processes (torchrun --nproc_per_node) or lower the sizes")
     if sizes["pp_size"] > 1:
-        check_pipeline_microbatches(cfg, sizes["pp_size"])
-    dp_size = cfg.get("distributed.dp_size", None)
+        check_pipeline_microbatches(cfg, sizes["pp_size"], section)
+    dp_size = cfg.get(f"{section}.dp_size", None)
     if isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size * model_parallel != world_size:
         raise PreflightError(
-            f"distributed.dp_size={dp_size} times tp*pp*cp={model_parallel} is not the {world_size} processes; "
-            "set distributed.dp_size=none to infer it")
+            f"{section}.dp_size={dp_size} times tp*pp*cp={model_parallel} is not the {world_size} processes; "
+            f"set {section}.dp_size=none to infer it")
 
 
 def check_packing(cfg) -> None:
@@ -167,17 +175,17 @@ def check_packing(cfg) -> None:
                              "or install flash-attn on a GPU machine")
 
 
-def check_pipeline_microbatches(cfg, pp_size: int) -> None:
+def check_pipeline_microbatches(cfg, pp_size: int, section: str = "distributed") -> None:
     """Under PP the local batch splits into whole microbatches, at least one per stage (AutoModel asserts this
     after the process group is up)."""
     local = cfg.get("step_scheduler.local_batch_size", 1)
-    micro = cfg.get("distributed.pipeline.pp_microbatch_size", 1)
+    micro = cfg.get(f"{section}.pipeline.pp_microbatch_size", 1)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (local, micro)):
         return  # check_numbers names those
     if local % micro or local // micro < pp_size:
         raise PreflightError(
             f"step_scheduler.local_batch_size={local} must split into whole microbatches of "
-            f"distributed.pipeline.pp_microbatch_size={micro}, at least distributed.pp_size={pp_size} of them: "
+            f"{section}.pipeline.pp_microbatch_size={micro}, at least {section}.pp_size={pp_size} of them: "
             f"set local_batch_size to a multiple of {micro} that is >= {micro * pp_size}, or lower pp_microbatch_size")
 
 
@@ -405,11 +413,12 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     """
     if ckpt.config is None:
         return
-    pp_size, tp_size = _size(cfg, "pp_size"), _size(cfg, "tp_size")
+    mesh = "teacher_distributed" if ckpt.section == "teacher_model" and separate_meshes.enabled(cfg) else "distributed"
+    pp_size, tp_size = _size(cfg, "pp_size", mesh), _size(cfg, "tp_size", mesh)
     architecture = registry.for_model_type(ckpt.config.get("model_type"))
     if architecture is not None:
         problem = architecture.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
-                                                   {name: _size(cfg, name) for name in ("tp_size", "pp_size", "cp_size")})
+                                                   {name: _size(cfg, name, mesh) for name in ("tp_size", "pp_size", "cp_size")})
         if problem is not None:
             raise PreflightError(problem)
     if pp_size > 1 and ckpt.section == "model" and _ties_word_embeddings(ckpt):
@@ -419,14 +428,14 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
             "apart; train this model with FSDP2 and/or TP (distributed.pp_size=1)")
     layers = ckpt.get("num_hidden_layers")
     if layers is not None and pp_size > layers:
-        raise PreflightError(f"distributed.pp_size={pp_size} is more than {ckpt.section}'s {layers} layers; "
-                             f"set distributed.pp_size <= {layers}")
+        raise PreflightError(f"{mesh}.pp_size={pp_size} is more than {ckpt.section}'s {layers} layers; "
+                             f"set {mesh}.pp_size <= {layers}")
     if tp_size == 1 or cfg.get(f"{ckpt.section}.anymodel_descriptor", None) is not None:
         return
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = ckpt.get(field)
         if heads is not None and heads % tp_size:
-            raise PreflightError(f"distributed.tp_size={tp_size} does not divide {ckpt.section}'s {field}={heads}; "
+            raise PreflightError(f"{mesh}.tp_size={tp_size} does not divide {ckpt.section}'s {field}={heads}; "
                                  f"pick a tp_size that divides {heads}")
 
 
@@ -479,8 +488,8 @@ def _ties_word_embeddings(ckpt: Checkpoint) -> bool:
     return bool(tied)
 
 
-def _size(cfg, name: str) -> int:
-    return cfg.get(f"distributed.{name}", 1) or 1
+def _size(cfg, name: str, section: str = "distributed") -> int:
+    return cfg.get(f"{section}.{name}", 1) or 1
 
 
 def _descriptor_for_model_type(ckpt: Checkpoint):
