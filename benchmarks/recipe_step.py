@@ -52,12 +52,26 @@ def worker(recipe: str, argv: list[str]) -> None:
     trainer = Recipe(cfg)
     trainer.setup()
     trainer.run_train_validation_loop()
+    _write_peak(Path(cfg.get("checkpoint.checkpoint_dir")))
     import torch.distributed as dist
 
     dist.destroy_process_group()
     # As run.py does: interpreter teardown after gloo sometimes aborts; the logs are closed.
     sys.stdout.flush()
     os._exit(0)
+
+
+def _write_peak(out_dir: Path) -> None:
+    """This rank's peak memory in GB, to ``peak_rank<N>.json``: the CUDA allocator's, else the process's peak RSS
+    (the teacher ranks of separate meshes log nothing themselves)."""
+    import resource
+
+    import torch
+
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"peak_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak_gb": peak / 1e9}))
 
 
 def run_case(recipe: str, parallelism: str, args, out_dir: Path) -> dict:
