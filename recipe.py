@@ -144,8 +144,13 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         for wave in range(bridge.num_waves):
             student = bridge.send_batch(wave, student) or student
         if bridge.is_teacher:
-            description = separate_meshes.teacher_description(
-                self.teacher_model, fused_kd_forward.lm_head_dtype(self.teacher_model), self.fused_linear_loss)
+            teacher = self.teacher_model
+            if self.teacher_pp is not None:  # only the last stage sends (and has an LM head)
+                teacher = fused_kd_forward.last_stage_part(teacher.parts, self.teacher_pp.info.stages)
+                if teacher is not None and self.fused_linear_loss:
+                    fused_kd_forward.return_hidden_states_from_last_stage(teacher)
+            description = None if teacher is None else separate_meshes.teacher_description(
+                teacher, fused_kd_forward.lm_head_dtype(teacher), self.fused_linear_loss)
             if hidden:
                 depth = description["num_hidden_layers"]
                 pairs = hidden_kd.layer_pairs(hidden_kd.settings(self.cfg)[2], student["num_hidden_layers"], depth)
@@ -242,8 +247,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     @torch.no_grad()
     def _teacher_forward_separate(self, batch):
         """On the teacher ranks: the parent's logits, or with ``fused_linear_loss`` the final hidden states
-        ``[B, S, H]``; with ``hidden_kd``, ``{"output": either, "layers": {t: [B, S, H]}}``."""
-        if self.fused_linear_loss:
+        ``[B, S, H]`` (a pipelined teacher's last stage returns those instead of logits, so the parent's capture
+        holds them); with ``hidden_kd``, ``{"output": either, "layers": {t: [B, S, H]}}``."""
+        if self.fused_linear_loss and self.teacher_pp is None:
             output = separate_meshes.final_hidden_states(self.teacher_model, batch, self.dist_env.device)
         else:
             output = super()._teacher_forward_separate(batch)

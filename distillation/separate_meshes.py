@@ -19,9 +19,10 @@ This module changes what crosses:
 Every student rank adds up the bytes of the tensors it receives in a step (``teacher_bytes`` in ``training.jsonl``):
 ``tokens x H x dtype bytes`` per shipped layer with the fused loss, ``tokens x V x dtype bytes`` through logits.
 
-Supported here: a teacher mesh with data parallelism (FSDP2), TP and SP; a student mesh with FSDP2, TP, SP and PP.
-Refused before any weights load (:func:`check_config`, one line): sizes that do not add up to the processes, a mesh
-without an explicit ``dp_size``, context parallelism, and a pipelined teacher with the fused loss or hidden-state KD.
+Supported here: a teacher mesh with data parallelism (FSDP2), TP, SP and PP (its last stage returns hidden states
+for the fused loss); a student mesh with FSDP2, TP, SP and PP. Refused before any weights load (:func:`check_config`,
+one line): sizes that do not add up to the processes, a mesh without an explicit ``dp_size``, context parallelism,
+and a pipelined teacher with hidden-state KD (its layer outputs are spread over its stages).
 """
 
 import torch
@@ -76,12 +77,11 @@ def check_config(cfg, world_size: int) -> dict[str, int]:
             f"(teacher_distributed: {teacher}) take {student + teacher} processes, not the {world_size} launched: "
             f"launch {student + teacher} (torchrun --nproc_per_node) or change the dp_size values")
     teacher_pp = cfg.get(f"{TEACHER}.pp_size", 1)
-    ships_hidden = cfg.get("fused_linear_loss", False) or (cfg.get("hidden_kd.weight", 0) or 0) > 0
-    if teacher_pp > 1 and ships_hidden:
+    if teacher_pp > 1 and (cfg.get("hidden_kd.weight", 0) or 0) > 0:
         raise SeparateMeshesError(
-            f"teacher_distributed.pp_size={teacher_pp}: a pipelined teacher ships only logits here, so neither the "
-            "fused loss nor hidden-state KD can use it: set teacher_distributed.pp_size=1 (use its tp_size), or "
-            "fused_linear_loss=false and hidden_kd.weight=0")
+            f"teacher_distributed.pp_size={teacher_pp} with hidden_kd: a pipelined teacher's layer outputs are on "
+            "several ranks and only its last stage sends: set teacher_distributed.pp_size=1 (use its tp_size) or "
+            "hidden_kd.weight=0")
     return processes
 
 

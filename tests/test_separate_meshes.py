@@ -3,7 +3,8 @@
 One process (teacher and student together, fused loss and hidden-state KD) is the reference. Each run below puts
 the teacher on its own ranks: 1 + 1 processes and a student with dp=2 beside a teacher with TP=2 (4 processes),
 through the fused loss (the teacher ships hidden states) and through logits (AutoModel's path), hidden-state KD on
-in all; a pipelined student (PP=2) beside a one-rank teacher. Losses, ``hidden_loss`` and grad norms at every step
+in all; a pipelined student (PP=2) beside a one-rank teacher; a one-rank student beside a pipelined teacher (PP=2,
+without hidden-state KD, against its own one-process reference). Losses, ``hidden_loss`` and grad norms at every step
 and the validation losses must match, and the bytes that crossed per step must be hidden-state sized.
 """
 
@@ -16,7 +17,8 @@ from tools.build_checkpoints import TINY
 STEPS = 4
 HIDDEN_KD = ["hidden_kd.weight=0.5", "hidden_kd.layers=[[0,1],[2,3],[3,3]]"]
 TEACHER_LAYERS_SHIPPED = 2  # teacher layers 1 and 3
-KEYS = ("loss", "ce_loss", "kd_loss", "hidden_loss", "grad_norm")
+KEYS = ("loss", "ce_loss", "kd_loss", "grad_norm")
+NO_HIDDEN_KD = "hidden_kd.weight=0"
 # The teacher mesh has its own FSDP2 mixed precision (bf16 compute by default).
 SEPARATE = ["separate_meshes=true", *(o.replace("distributed.", "teacher_distributed.", 1) for o in FP32_COMPUTE)]
 ONE_PLUS_ONE = [*SEPARATE, "distributed.dp_size=1", "teacher_distributed.dp_size=1"]
@@ -33,7 +35,11 @@ RUNS = {
     "pp2+1_fused": (3, [*SEPARATE, "distributed.dp_size=1", "distributed.pp_size=2",
                         "distributed.pipeline.pp_microbatch_size=2", "teacher_distributed.dp_size=1",
                         "fused_linear_loss=true"]),
+    "one_process_without_hidden_kd": (1, ["fused_linear_loss=true", NO_HIDDEN_KD]),
+    "1+pp2_fused": (3, [*ONE_PLUS_ONE, "teacher_distributed.pp_size=2",
+                        "teacher_distributed.pipeline.pp_microbatch_size=2", "fused_linear_loss=true", NO_HIDDEN_KD]),
 }
+REFERENCES = ("one_process", "one_process_without_hidden_kd")
 
 
 @pytest.fixture(scope="module")
@@ -49,23 +55,34 @@ def runs(ckpts, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in RUNS if n != "one_process"])
+@pytest.mark.parametrize("name", [n for n in RUNS if n not in REFERENCES])
 def test_a_teacher_on_its_own_ranks_trains_the_student_as_one_process_does(runs, name):
-    assert_same_training(runs[name], runs["one_process"], KEYS, STEPS)
-    for got, ref in zip(runs[name][1], runs["one_process"][1], strict=True):
-        assert got["hidden_loss"] == pytest.approx(ref["hidden_loss"], rel=1e-4)
+    hidden = NO_HIDDEN_KD not in RUNS[name][1]
+    reference = runs[REFERENCES[0] if hidden else REFERENCES[1]]
+    assert_same_training(runs[name], reference, (*KEYS, "hidden_loss") if hidden else KEYS, STEPS)
+    if hidden:
+        for got, ref in zip(runs[name][1], reference[1], strict=True):
+            assert got["hidden_loss"] == pytest.approx(ref["hidden_loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["1+1", "dp2+tp2"])
 def test_the_fused_loss_receives_hidden_states_not_logits(runs, layout):
     """Per token, the fused path receives the final hidden states and two layer outputs (3 x H floats); the
-    logits path the logits and the same two layer outputs (V + 2 x H). Both runs see the same batches."""
+    logits path the logits and the same two layer outputs (V + 2 x H). Both runs see the same batches. A token is
+    a position of the padded ``[B, S]`` batch, so at least the step's real tokens (all of them with one replica)."""
     fused, logits = (runs[f"{layout}_{path}"][0] for path in ("fused", "logits"))
     hidden, vocab = TINY["hidden_size"], 512
     for f, g in zip(fused, logits, strict=True):
         tokens = f["teacher_bytes"] / (4 * hidden * (1 + TEACHER_LAYERS_SHIPPED))
         assert tokens == int(tokens) > 0
+        assert layout != "1+1" or f["num_tokens_per_step"] <= tokens
         assert g["teacher_bytes"] == 4 * tokens * (vocab + TEACHER_LAYERS_SHIPPED * hidden)
+
+
+def test_a_pipelined_teacher_sends_only_its_last_stages_hidden_states(runs):
+    for row in runs["1+pp2_fused"][0]:
+        tokens = row["teacher_bytes"] / (4 * TINY["hidden_size"])
+        assert tokens == int(tokens) >= row["num_tokens_per_step"]
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
@@ -80,8 +97,8 @@ def test_the_fused_loss_receives_hidden_states_not_logits(runs, layout):
      "separate_meshes=true needs a teacher_distributed section giving the teacher's mesh: e.g. "
      "teacher_distributed.dp_size=1 teacher_distributed.tp_size=2"),
     (["separate_meshes=true", "distributed.dp_size=1", "teacher_distributed.dp_size=1",
-      "teacher_distributed.pp_size=2"], 3,
-     "teacher_distributed.pp_size=2: a pipelined teacher ships only logits here"),
+      "teacher_distributed.pp_size=2", "hidden_kd.weight=0.5"], 3,
+     "teacher_distributed.pp_size=2 with hidden_kd: a pipelined teacher's layer outputs are on several ranks"),
     (["separate_meshes=true", "distributed.dp_size=1", "teacher_distributed.dp_size=1",
       "teacher_distributed.tp_size=8"], 9,
      "teacher_distributed.tp_size=8 does not divide teacher_model's num_attention_heads=4"),
