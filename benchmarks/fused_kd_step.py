@@ -97,21 +97,29 @@ def run_cell(path_name: str, procs: int, seq: int, args, student: Path, teacher:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={args.port}",
            str(REPO / "benchmarks" / "recipe_step.py"), "--worker", recipe, "--mode", "kd", "-c", str(config),
            *overrides]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    log = out / "training.jsonl"
-    if "SIGKILL" in result.stderr or "exitcode  : -9" in result.stderr:
-        return {"error": "killed by the OS: out of memory"}
-    if result.returncode != 0 or not log.exists():
-        errors = [line.split("]:")[-1].strip() for line in result.stderr.splitlines()
-                  if "Error" in line and not any(noise in line for noise in NOISE)]
-        return {"error": (errors[-1] if errors else f"exit code {result.returncode}")[:100]}
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    error, rows = run_logged(cmd, out)
+    if rows is None:
+        return {"error": error}
     timed = rows[1:] or rows
     mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return {"peak_gb": max(r["mem"] for r in rows) * 1024**3 / 1e9,
             "step_s": statistics.median(r["num_tokens_per_step"] / r["tps"] for r in timed),
             "mfu": statistics.median(mfu) if mfu else None}
+
+
+def run_logged(cmd: list[str], out: Path) -> tuple:
+    """Run a benchmark job; ``(None, rows of out/training.jsonl)``, or ``(one-line cause, None)`` when it failed."""
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                            capture_output=True, text=True)
+    log = out / "training.jsonl"
+    if "SIGKILL" in result.stderr or "exitcode  : -9" in result.stderr:
+        return "killed by the OS: out of memory", None
+    if result.returncode != 0 or not log.exists():
+        # The root cause, not the other rank's "connection closed" or torchrun's summary.
+        errors = [line.split("]:")[-1].strip() for line in result.stderr.splitlines()
+                  if "Error" in line and not any(noise in line for noise in NOISE)]
+        return (errors[-1] if errors else f"exit code {result.returncode}")[:100], None
+    return None, [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def predicted_peak(measured: dict[int, dict], seq: int) -> float | None:

@@ -23,13 +23,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_kd_step import NOISE, REPO, build_pair, compute_overrides, write_config  # noqa: E402
+from fused_kd_step import REPO, build_pair, compute_overrides, run_logged, write_config  # noqa: E402
 
 HIDDEN, GPT_OSS_HIDDEN, BF16 = 64, 2880, 2
 SEPARATE = ["separate_meshes=true", "distributed.dp_size=1", "teacher_distributed.dp_size=1"]
@@ -53,14 +52,9 @@ def run_cell(name: str, vocab: int, seq: int, args, student: Path, teacher: Path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={args.port}",
            str(REPO / "benchmarks" / "recipe_step.py"), "--worker", "ours", "--mode", "kd", "-c", str(config),
            *overrides]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                            capture_output=True, text=True)
-    log = out / "training.jsonl"
-    if result.returncode != 0 or not log.exists():
-        errors = [line.split("]:")[-1].strip() for line in result.stderr.splitlines()
-                  if "Error" in line and not any(noise in line for noise in NOISE)]
-        return {"error": (errors[-1] if errors else f"exit code {result.returncode}")[:100]}
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    error, rows = run_logged(cmd, out)
+    if rows is None:
+        return {"error": error}
     timed = rows[1:] or rows
     peaks = [json.loads((out / f"peak_rank{r}.json").read_text())["peak_gb"] for r in range(2)]
     cell = {"step_s": statistics.median(r["num_tokens_per_step"] / r["tps"] for r in timed), "peaks": peaks}
