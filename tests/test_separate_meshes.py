@@ -11,6 +11,7 @@ and the validation losses must match, and the bytes that crossed per step must b
 import pytest
 
 from conftest import FP32_COMPUTE, assert_same_training, read_jsonl, run_job, tiny_overrides
+from test_hidden_kd import teacher_with
 from test_preflight import error
 from tools.build_checkpoints import TINY
 
@@ -108,3 +109,9 @@ def test_a_pipelined_teacher_sends_only_its_last_stages_hidden_states(runs):
 def test_a_rank_split_that_cannot_work_is_one_line_before_any_weights_load(ckpts, tmp_path, extra, world_size,
                                                                            message):
     assert message in error(ckpts, tmp_path, *extra, world_size=world_size)
+
+
+def test_hidden_state_kd_from_a_teacher_of_another_width_is_one_line_before_any_weights_load(ckpts, tmp_path):
+    wider = teacher_with(ckpts, tmp_path, hidden_size=128)
+    assert error(ckpts, tmp_path, wider, *ONE_PLUS_ONE, "hidden_kd.weight=1", "hidden_kd.layers=[[0,0]]",
+                 world_size=2).startswith("hidden_kd: the student's hidden_size is 64 and the teacher's 128")
