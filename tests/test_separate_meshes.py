@@ -1,7 +1,8 @@
 """The teacher on its own ranks (``separate_meshes: true``) trains the student exactly as one process does.
 
 One process (teacher and student together, fused loss and hidden-state KD) is the reference. Each run below puts
-the teacher on its own ranks: 1 + 1 processes and a student with dp=2 beside a teacher with TP=2 (4 processes),
+the teacher on its own ranks: 1 + 1 processes and a student with dp=2 beside a teacher with TP=2 (4 processes; SP
+too on the fused path),
 through the fused loss (the teacher ships hidden states) and through logits (AutoModel's path), hidden-state KD on
 in all; a pipelined student (PP=2) beside a one-rank teacher; a one-rank student beside a pipelined teacher (PP=2,
 without hidden-state KD, against its own one-process reference). Losses, ``hidden_loss`` and grad norms at every step
@@ -28,8 +29,10 @@ RUNS = {
     "one_process": (1, ["fused_linear_loss=true"]),
     "1+1_fused": (2, [*ONE_PLUS_ONE, "fused_linear_loss=true"]),
     "1+1_logits": (2, [*ONE_PLUS_ONE, "fused_linear_loss=false"]),
+    # The fused run's teacher is also sequence-parallel: its outputs arrive as Shard(1) DTensors and are gathered.
     "dp2+tp2_fused": (4, [*SEPARATE, "distributed.dp_size=2", "step_scheduler.local_batch_size=2",
-                          "teacher_distributed.dp_size=1", "teacher_distributed.tp_size=2", "fused_linear_loss=true"]),
+                          "teacher_distributed.dp_size=1", "teacher_distributed.tp_size=2",
+                          "teacher_distributed.sequence_parallel=true", "fused_linear_loss=true"]),
     "dp2+tp2_logits": (4, [*SEPARATE, "distributed.dp_size=2", "step_scheduler.local_batch_size=2",
                            "teacher_distributed.dp_size=1", "teacher_distributed.tp_size=2",
                            "fused_linear_loss=false"]),
