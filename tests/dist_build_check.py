@@ -1,5 +1,5 @@
-"""Run under torchrun by tests/test_distributed.py: set up the real recipe, then report how the
-student and teacher were built. Usage: dist_build_check.py OUT_DIR <run.py arguments...>
+"""Run on 2 ranks by tests/test_distributed.py (``run_job``: ``python -m tests.dist_build_check``, or under torchrun):
+set up the real recipe, then report how the student and teacher were built. Arguments: OUT_DIR <run.py arguments...>
 
 Each rank writes ``OUT_DIR/rank<N>.json`` with, per model, whether every parameter is a DTensor,
 the largest difference between its full (unsharded) value and the tensor on disk, and each

@@ -17,7 +17,7 @@ import torch
 from architectures import descriptors
 from common.errors import AnyModelError
 from conftest import (HIDDEN_KD_KEYS, assert_layer_follows_block_config, assert_same_training, parity_run,
-                      tiny_overrides, torchrun)
+                      run_job, tiny_overrides)
 from nemo_automodel import NeMoAutoModelForCausalLM
 from tools.build_checkpoints import build
 
@@ -116,8 +116,8 @@ def test_gpt_oss_sliding_window_shapes_the_losses_so_pipeline_parity_proves_it_i
 
 
 def tp_report(ckpts, tmp_path, extra=()):
-    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
-                       *tiny_overrides(ckpts, "gpt_oss", tmp_path / "ckpt"), "distributed.tp_size=2", *extra])
+    result = run_job(["-m", "tests.dist_build_check", str(tmp_path), "--mode", "kd",
+                      *tiny_overrides(ckpts, "gpt_oss", tmp_path / "ckpt"), "distributed.tp_size=2", *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

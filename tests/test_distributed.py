@@ -19,8 +19,8 @@ PARALLELISMS = {
 
 
 def build_report(ckpts, arch, tmp_path, extra):
-    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
-                       *tiny_overrides(ckpts, arch, tmp_path / "ckpt"), *extra])
+    result = run_job(["-m", "tests.dist_build_check", str(tmp_path), "--mode", "kd",
+                      *tiny_overrides(ckpts, arch, tmp_path / "ckpt"), *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -93,8 +93,8 @@ def test_a_converted_anymodel_teacher_distills_exactly_like_its_hf_original(ckpt
     rows = {}
     for name, teacher_args in teachers.items():
         out = tmp_path / name
-        result = torchrun(["-m", "run", "--mode", "kd", "-c", "kd.yaml",
-                           *tiny_overrides(ckpts, "llama", out, steps=2), *teacher_args])
+        result = run_job(["-m", "run", "--mode", "kd", "-c", "kd.yaml",
+                          *tiny_overrides(ckpts, "llama", out, steps=2), *teacher_args])
         assert result.returncode == 0, result.stderr[-4000:]
         rows[name] = read_jsonl(out / "training.jsonl")
     for hf, anymodel in zip(rows["hf"], rows["anymodel"], strict=True):
@@ -133,7 +133,7 @@ def test_kd_fsdp2_two_ranks_trains_and_logs_every_step(ckpts, tmp_path):
 
 def test_pretrain_two_ranks_trains_the_heterogeneous_student(ckpts, tmp_path):
     out = tmp_path / "pretrain"
-    result = torchrun(["-m", "run", "--mode", "pretrain", *tiny_overrides(ckpts, "llama", out, teacher=False)])
+    result = run_job(["-m", "run", "--mode", "pretrain", *tiny_overrides(ckpts, "llama", out, teacher=False)])
     assert result.returncode == 0, result.stderr[-4000:]
     assert_trained(out, 3, kd=False)
 

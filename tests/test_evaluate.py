@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import torchrun
+from conftest import run_job
 from modelopt.torch.puzzletron.anymodel import ModelDescriptorFactory, deci_x_patcher
 from tools.build_checkpoints import english_corpus
 from tools import evaluate as evaluate_module
@@ -87,9 +87,9 @@ def test_prompt_answer_mapping_scores_the_tokens_automodels_column_mapped_datase
 def test_two_processes_give_the_one_process_result_and_the_gap_recovered(ckpts, rows, one_process):
     paths = ckpts["llama"]
     # The student as its own baseline has recovered none of the gap; the teacher as a student all of it.
-    result = torchrun(["-m", "tools.evaluate", "--teacher", str(paths["teacher"]), "--baseline", str(paths["student"]),
-                       "--student", str(paths["student"]), "--student", str(paths["teacher"]), "--data", str(rows),
-                       "--json"], nproc=2)
+    result = run_job(["-m", "tools.evaluate", "--teacher", str(paths["teacher"]), "--baseline", str(paths["student"]),
+                      "--student", str(paths["student"]), "--student", str(paths["teacher"]), "--data", str(rows),
+                      "--json"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout)
     assert got["processes"] == 2

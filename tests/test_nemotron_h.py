@@ -20,8 +20,8 @@ import run
 from architectures import descriptors, nemotron_h, nemotron_h_parallel
 from common.errors import AnyModelError
 from safety import preflight
-from conftest import (HIDDEN_KD_KEYS, assert_same_training, checkpoint_tensors, parity_run, tiny_overrides,
-                      torchrun)
+from conftest import (HIDDEN_KD_KEYS, assert_same_training, checkpoint_tensors, parity_run, run_job,
+                      tiny_overrides)
 from tools.build_checkpoints import build, write_squad_like_data
 
 ARCHS = ("nemotron_h", "nemotron_h_v2")
@@ -107,8 +107,8 @@ def test_nemotron_h_v2_tensor_parallelism_splits_attention_and_mlp_where_they_di
     """Layer 1's attention (4 heads, 2 KV heads) and layer 2's MLP (96) are split; layer 4 (1 KV head), layer 5
     (33 channels) and the Mamba-2 layer 0 are whole on both ranks; the removed layer 3 has no parameters.
     Every parameter equals the checkpoint on disk, student and teacher."""
-    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
-                       *overrides(ckpts, "nemotron_h_v2", tmp_path / "ckpt"), "distributed.tp_size=2"])
+    result = run_job(["-m", "tests.dist_build_check", str(tmp_path), "--mode", "kd",
+                      *overrides(ckpts, "nemotron_h_v2", tmp_path / "ckpt"), "distributed.tp_size=2"])
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())

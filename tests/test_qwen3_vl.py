@@ -15,7 +15,7 @@ import torch
 
 from safety import preflight
 import run
-from conftest import HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, run_job, tiny_overrides, torchrun
+from conftest import HIDDEN_KD, HIDDEN_KD_KEYS, checkpoint_tensors, read_jsonl, run_job, tiny_overrides
 from tools.build_checkpoints import build, qwen3_vl_block_configs, write_squad_like_data
 
 STEPS = 4
@@ -74,8 +74,8 @@ def test_pretrain_under_fsdp2_starts_at_the_kd_runs_cross_entropy(runs):
 def test_tensor_parallelism_splits_heads_and_whole_experts_layer_by_layer(ckpts, tmp_path):
     """Attention by heads where they divide (layer 2's single KV head stays whole), every MoE block by whole
     experts (``Shard(0)``, 3 experts as 2 + 1), routers and the vision tower whole; weights equal the files."""
-    result = torchrun(["tests/dist_build_check.py", str(tmp_path), "--mode", "kd",
-                       *overrides(ckpts, tmp_path / "ck", "distributed.tp_size=2")])
+    result = run_job(["-m", "tests.dist_build_check", str(tmp_path), "--mode", "kd",
+                      *overrides(ckpts, tmp_path / "ck", "distributed.tp_size=2")])
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
