@@ -131,12 +131,10 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             self.hidden_kd.pause_during_shape_inference([*self.pp.info.stages, *teacher_stages])
 
     def _setup_separate_meshes(self) -> None:
-        """With the teacher on its own ranks and the fused loss or ``hidden_kd``: each side sends the other what it
-        needs once (the student its depth; the teacher its width, depth and, for the fused loss, its LM head), then
-        the student builds its losses and the teacher its layer recorder (``distillation/separate_meshes.py``)."""
+        """With the teacher on its own ranks: each side sends the other what it needs once (the student its depth;
+        the teacher its width, depth, forward FLOPs for ``mfu`` and, for the fused loss, its LM head), then the
+        student builds its losses and the teacher its layer recorder (``distillation/separate_meshes.py``)."""
         hidden = hidden_kd.enabled(self.cfg)
-        if not (self.fused_linear_loss or hidden):
-            return
         bridge = self.kd_mesh_bridge
         student = None
         if bridge.is_student:
@@ -149,8 +147,11 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 teacher = fused_kd_forward.last_stage_part(teacher.parts, self.teacher_pp.info.stages)
                 if teacher is not None and self.fused_linear_loss:
                     fused_kd_forward.return_hidden_states_from_last_stage(teacher)
+            pp_group = None if self.teacher_pp is None else self.device_mesh["pp"].get_group()
+            forward_flops = flops.forward_flop_coefficients(getattr(self.teacher_model, "parts", [self.teacher_model]),
+                                                            pp_group)
             description = None if teacher is None else separate_meshes.teacher_description(
-                teacher, fused_kd_forward.lm_head_dtype(teacher), self.fused_linear_loss)
+                teacher, fused_kd_forward.lm_head_dtype(teacher), self.fused_linear_loss) | {"flops": forward_flops}
             if hidden:
                 depth = description["num_hidden_layers"]
                 pairs = hidden_kd.layer_pairs(hidden_kd.settings(self.cfg)[2], student["num_hidden_layers"], depth)
@@ -158,6 +159,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             separate_meshes.exchange_once(bridge, description)
             return
         teacher = separate_meshes.exchange_once(bridge, None)
+        self._teacher_forward_flops = teacher["flops"]
         if hidden:
             self._setup_hidden_kd(None, teacher["hidden_size"], teacher["num_hidden_layers"])
         if self.fused_linear_loss:
@@ -291,8 +293,9 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
             pp_group = self.device_mesh["pp"].get_group() if self.pp_enabled else None
             teacher = self.teacher_model
             teacher_parts = [] if teacher is None else getattr(teacher, "parts", [teacher])  # none with a cache
+            teacher_flops = getattr(self, "_teacher_forward_flops", None)  # a teacher on its own ranks
             self._flop_coefficients = (flops.forward_flop_coefficients(self.model_parts, pp_group),
-                                       flops.forward_flop_coefficients(teacher_parts, pp_group))
+                                       teacher_flops or flops.forward_flop_coefficients(teacher_parts, pp_group))
         seq_len = max(batch["input_ids"].shape[-1] for batch in batches)
         tokens = metrics["num_tokens_per_step"]
         step_flops = flops.kd_step_flops(*self._flop_coefficients, tokens=tokens, seq_len=seq_len)

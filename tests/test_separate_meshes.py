@@ -21,6 +21,7 @@ HIDDEN_KD = ["hidden_kd.weight=0.5", "hidden_kd.layers=[[0,1],[2,3],[3,3]]"]
 TEACHER_LAYERS_SHIPPED = 2  # teacher layers 1 and 3
 KEYS = ("loss", "ce_loss", "kd_loss", "grad_norm")
 NO_HIDDEN_KD = "hidden_kd.weight=0"
+PEAK_TFLOPS = 0.001  # a made-up CPU peak, so that mfu is logged
 # The teacher mesh has its own FSDP2 mixed precision (bf16 compute by default).
 SEPARATE = ["separate_meshes=true", *(o.replace("distributed.", "teacher_distributed.", 1) for o in FP32_COMPUTE)]
 ONE_PLUS_ONE = [*SEPARATE, "distributed.dp_size=1", "teacher_distributed.dp_size=1"]
@@ -52,7 +53,8 @@ def runs(ckpts, tmp_path_factory):
     for name, (nproc, extra) in RUNS.items():
         out_dir = tmp_path_factory.mktemp(name.replace("+", "_"))
         args = [*tiny_overrides(ckpts, "llama", out_dir, steps=STEPS), "step_scheduler.local_batch_size=4",
-                "step_scheduler.val_every_steps=2", "step_scheduler.ckpt_every_steps=100", *HIDDEN_KD, *extra]
+                "step_scheduler.val_every_steps=2", "step_scheduler.ckpt_every_steps=100", f"mfu_peak_tflops={PEAK_TFLOPS}",
+                *HIDDEN_KD, *extra]
         result = run_job(["-m", "run", "--mode", "kd", *args], nproc=nproc)
         assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
         out[name] = read_jsonl(out_dir / "training.jsonl"), read_jsonl(out_dir / "validation.jsonl")
@@ -81,6 +83,18 @@ def test_the_fused_loss_receives_hidden_states_not_logits(runs, layout):
         assert tokens == int(tokens) > 0
         assert layout != "1+1" or f["num_tokens_per_step"] <= tokens
         assert g["teacher_bytes"] == 4 * tokens * (vocab + TEACHER_LAYERS_SHIPPED * hidden)
+
+
+@pytest.mark.parametrize("name, processes", [("1+1_fused", 2), ("1+1_logits", 2), ("1+pp2_fused", 3)])
+def test_mfu_counts_the_teacher_forward_run_on_the_teacher_ranks(runs, name, processes):
+    """``mfu`` is a step's FLOPs over its time and every process's peak: the FLOPs it implies are one process's,
+    where both models run on the same rank (one data-parallel replica, so the same padded batches)."""
+    def step_flops(row, world):
+        return row["mfu"] / 100 * world * PEAK_TFLOPS * 1e12 * row["num_tokens_per_step"] / row["tps"]
+
+    reference = runs[REFERENCES[0] if NO_HIDDEN_KD not in RUNS[name][1] else REFERENCES[1]][0]
+    for got, ref in zip(runs[name][0], reference, strict=True):
+        assert step_flops(got, processes) == pytest.approx(step_flops(ref, 1), rel=1e-6)
 
 
 def test_a_pipelined_teacher_sends_only_its_last_stages_hidden_states(runs):
