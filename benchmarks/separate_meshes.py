@@ -11,10 +11,11 @@ one sequence of ``seq`` tokens per step). Every cell is a real run of ``run.py``
 * ``logits``: separate meshes, ``fused_linear_loss: false``: the teacher ships its logits (AutoModel's path);
 * ``hidden``: separate meshes, ``fused_linear_loss: true``: the teacher ships its final hidden states.
 
-Shipped bytes per token are the logged ``teacher_bytes`` over the step's tokens. Step time is the median over the
-steps after the first. Peaks are each rank's (CPU: peak RSS, with about 1 GB of runtime; GPU: the allocator's); in
-``shared`` both ranks hold both models.
-The last column scales the shipped bytes to GPT-OSS-120B's shapes (hidden 2,880, bf16) at the same vocabulary.
+Shipped bytes per token are the logged ``teacher_bytes`` over the step's tokens, and the next column scales them to
+GPT-OSS-120B's shapes (hidden 2,880, bf16) at the same vocabulary. Step time and tokens/s (the student's tokens:
+``shared`` trains on two sequences a step, the others on one) are medians over the steps after the first. Peaks are
+each rank's (CPU: peak RSS, with about 1 GB of runtime; GPU: the allocator's); in ``shared`` both ranks hold both
+models.
 """
 
 import argparse
@@ -57,7 +58,8 @@ def run_cell(name: str, vocab: int, seq: int, args, student: Path, teacher: Path
         return {"error": error}
     timed = rows[1:] or rows
     peaks = [json.loads((out / f"peak_rank{r}.json").read_text())["peak_gb"] for r in range(2)]
-    cell = {"step_s": statistics.median(r["num_tokens_per_step"] / r["tps"] for r in timed), "peaks": peaks}
+    cell = {"step_s": statistics.median(r["num_tokens_per_step"] / r["tps"] for r in timed),
+            "tps": statistics.median(r["tps"] for r in timed), "peaks": peaks}
     if "teacher_bytes" in rows[-1]:
         per_token = statistics.median(r["teacher_bytes"] / r["num_tokens_per_step"] for r in rows)
         element = 2 if args.dtype == "bfloat16" else 4
@@ -82,8 +84,9 @@ def main():
     lines = [f"Separate meshes, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.dtype}, "
              f"{datetime.date.today()}; 2 processes, 2-layer hidden-64 Qwen3 pair, one sequence per step per student "
              "rank, median of the steps after the first.", "",
-             "| vocab | tokens | layout | shipped bytes / token | at GPT-OSS-120B shapes, bf16 | student step (s) | "
-             "rank 0 (student) peak (GB) | rank 1 (teacher) peak (GB) |", "|---|---|---|---|---|---|---|---|"]
+             "| vocab | tokens | layout | shipped bytes / token | at GPT-OSS-120B shapes, bf16 | step (s) | "
+             "tokens/s | rank 0 (student) peak (GB) | rank 1 (teacher) peak (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -94,12 +97,12 @@ def main():
                     cell = run_cell(name, vocab, seq, args, student, teacher, tmp / f"{vocab}-{seq}-{name}")
                     head = f"| {vocab} | {seq} | {name} |"
                     if "error" in cell:
-                        lines.append(f"{head} fails: {cell['error']} | | | | |")
+                        lines.append(f"{head} fails: {cell['error']} | | | | | |")
                     else:
                         shipped = (f"{cell['bytes']:,.0f} | {cell['gpt_oss_bytes']:,.0f}" if "bytes" in cell
                                    else "none | none")
-                        lines.append(f"{head} {shipped} | {cell['step_s']:.3f} | {cell['peaks'][0]:.2f} | "
-                                     f"{cell['peaks'][1]:.2f} |")
+                        lines.append(f"{head} {shipped} | {cell['step_s']:.3f} | {cell['tps']:.0f} | "
+                                     f"{cell['peaks'][0]:.2f} | {cell['peaks'][1]:.2f} |")
                     print(lines[-1], flush=True)
     if args.output:
         args.output.write_text("\n".join(lines) + "\n")

@@ -4,7 +4,7 @@ One process (teacher and student together, fused loss and hidden-state KD) is th
 the teacher on its own ranks: 1 + 1 processes and a student with dp=2 beside a teacher with TP=2 (4 processes; SP
 too on the fused path),
 through the fused loss (the teacher ships hidden states) and through logits (AutoModel's path), hidden-state KD on
-in all; a pipelined student (PP=2) beside a one-rank teacher; a one-rank student beside a pipelined teacher (PP=2,
+in all; a pipelined student (PP=2) and a tensor- and sequence-parallel one (TP=2, SP) beside a one-rank teacher; a one-rank student beside a pipelined teacher (PP=2,
 without hidden-state KD, against its own one-process reference). Losses, ``hidden_loss`` and grad norms at every step
 and the validation losses must match, and the bytes that crossed per step must be hidden-state sized.
 """
@@ -40,6 +40,9 @@ RUNS = {
     "pp2+1_fused": (3, [*SEPARATE, "distributed.dp_size=1", "distributed.pp_size=2",
                         "distributed.pipeline.pp_microbatch_size=2", "teacher_distributed.dp_size=1",
                         "fused_linear_loss=true"]),
+    # The student's LM head split over TP: each rank holds the teacher's rows of its own vocabulary shard.
+    "tp2sp+1_fused": (3, [*ONE_PLUS_ONE, "distributed.tp_size=2", "distributed.sequence_parallel=true",
+                          "fused_linear_loss=true"]),
     "one_process_without_hidden_kd": (1, ["fused_linear_loss=true", NO_HIDDEN_KD]),
     "1+pp2_fused": (3, [*ONE_PLUS_ONE, "teacher_distributed.pp_size=2",
                         "teacher_distributed.pipeline.pp_microbatch_size=2", "fused_linear_loss=true", NO_HIDDEN_KD]),
