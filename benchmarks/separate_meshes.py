@@ -1,6 +1,6 @@
 """The teacher on its own ranks: bytes shipped per token, step time and peak memory on both sides.
 
-    python benchmarks/separate_meshes.py                  # the docs table (CPU: ~5 min)
+    python benchmarks/separate_meshes.py                  # the docs table (CPU: ~10 min)
     python benchmarks/separate_meshes.py --vocab 201088 --seq 2048
 
 Two processes, student on rank 0 and teacher on rank 1 (``separate_meshes: true``, each mesh ``dp_size: 1``),
