@@ -148,14 +148,16 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
                 if teacher is not None and self.fused_linear_loss:
                     fused_kd_forward.return_hidden_states_from_last_stage(teacher)
             pp_group = None if self.teacher_pp is None else self.device_mesh["pp"].get_group()
-            forward_flops = flops.forward_flop_coefficients(getattr(self.teacher_model, "parts", [self.teacher_model]),
-                                                            pp_group)
+            parts = getattr(self.teacher_model, "parts", [self.teacher_model])
+            forward_flops = flops.forward_flop_coefficients(parts, pp_group)
             description = None if teacher is None else separate_meshes.teacher_description(
                 teacher, fused_kd_forward.lm_head_dtype(teacher), self.fused_linear_loss) | {"flops": forward_flops}
             if hidden:
-                depth = description["num_hidden_layers"]
+                depth = parts[0].config.get_text_config().num_hidden_layers
                 pairs = hidden_kd.layer_pairs(hidden_kd.settings(self.cfg)[2], student["num_hidden_layers"], depth)
-                self._teacher_layer_outputs = hidden_kd.TeacherLayerOutputs(self.teacher_model, [t for _, t in pairs])
+                stages = [] if self.teacher_pp is None else self.teacher_pp.info.stages
+                self._teacher_layer_outputs = hidden_kd.TeacherLayerOutputs(parts, [t for _, t in pairs], pp_group,
+                                                                            stages)
             separate_meshes.exchange_once(bridge, description)
             return
         teacher = separate_meshes.exchange_once(bridge, None)

@@ -277,18 +277,7 @@ class HiddenStateKD:
 
     def pause_during_shape_inference(self, stages) -> None:
         """Wrap each pipeline stage's forward metadata inference in :meth:`paused`."""
-        for stage in stages:
-            infer = getattr(stage, "_forward_metadata_inference", None)
-            if infer is None:
-                raise HiddenKDError(f"hidden_kd: torch {torch.__version__}'s pipeline stages have no forward metadata "
-                                    "inference to pause (written for torch 2.13): set hidden_kd.weight=0 or "
-                                    "distributed.pp_size=1")
-
-            def paused_inference(*args, _infer=infer, **kwargs):
-                with self.paused():
-                    return _infer(*args, **kwargs)
-
-            stage._forward_metadata_inference = paused_inference
+        _pause_during_shape_inference(stages, self.paused)
 
     def _teacher_hook(self, layer: int):
         targets = [p for p, (_, t) in enumerate(self.pairs) if t == layer]
@@ -364,27 +353,76 @@ class HiddenStateKD:
         return float(sums.sum() / len(self.pairs) / max(num_label_tokens, 1))
 
 
+def _pause_during_shape_inference(stages, paused) -> None:
+    """Wrap each pipeline stage's forward metadata inference in the context ``paused()``."""
+    for stage in stages:
+        infer = getattr(stage, "_forward_metadata_inference", None)
+        if infer is None:
+            raise HiddenKDError(f"hidden_kd: torch {torch.__version__}'s pipeline stages have no forward metadata "
+                                "inference to pause (written for torch 2.13): set hidden_kd.weight=0 or "
+                                "distributed.pp_size=1")
+
+        def paused_inference(*args, _infer=infer, **kwargs):
+            with paused():
+                return _infer(*args, **kwargs)
+
+        stage._forward_metadata_inference = paused_inference
+
+
 class TeacherLayerOutputs:
     """On the ranks of a teacher that runs apart from its student: the outputs ``[B, S, H]`` of the teacher layers
     ``layers`` in its last forward, whole (a sequence-parallel ``Shard(1)`` output all-gathered), for
-    :meth:`HiddenStateKD.receive` on the student ranks."""
+    :meth:`HiddenStateKD.receive` on the student ranks.
 
-    def __init__(self, teacher: nn.Module, layers):
-        self._outputs = {}
-        found = decoder_layers(teacher)
-        self._handles = [found[t].register_forward_hook(self._record(t)) for t in sorted(set(layers))]
+    Under PP (``pp_group``, ``stages``: this rank's pipeline stages) each stage records the layers it holds,
+    microbatch by microbatch, and :meth:`take` broadcasts each layer's ``[B, S, H]`` from its stage over the
+    pipeline group, so that the last stage, which sends, holds them all.
+    """
+
+    def __init__(self, teacher_parts, layers, pp_group=None, stages=()):
+        self.pp_group = pp_group
+        self._outputs: dict[int, list] = {}
+        self._paused = False
+        found = {i: m for part in teacher_parts for i, m in decoder_layers(part).items()}
+        wanted = sorted(set(layers))
+        self._handles = [found[t].register_forward_hook(self._record(t)) for t in wanted if t in found]
+        self._owners = {}
+        if pp_group is not None:
+            held = [None] * dist.get_world_size(pp_group)
+            dist.all_gather_object(held, [t for t in wanted if t in found], group=pp_group)
+            self._owners = {t: dist.get_global_rank(pp_group, next(i for i, h in enumerate(held) if t in h))
+                            for t in wanted}
+            _pause_during_shape_inference(stages, self.paused)
+
+    @contextmanager
+    def paused(self):
+        """Record nothing inside (torch's pipeline shape inference runs the stages on uninitialised inputs)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def _record(self, layer: int):
         def record(module, args, output):
+            if self._paused:
+                return
             hidden = _hidden(output).detach()
-            self._outputs[layer] = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+            self._outputs.setdefault(layer, []).append(hidden.full_tensor() if isinstance(hidden, DTensor) else hidden)
 
         return record
 
     def take(self, sequence_length: int) -> dict:
-        """``{t: [B, sequence_length, H]}`` of the last forward; forgets them."""
+        """``{t: [B, sequence_length, H]}`` of the last forward; forgets them. Collective over ``pp_group``."""
         outputs, self._outputs = self._outputs, {}
-        return {t: hidden.narrow(1, 0, sequence_length).contiguous() for t, hidden in outputs.items()}
+        whole = {t: torch.cat(parts).narrow(1, 0, sequence_length).contiguous() for t, parts in outputs.items()}
+        for t, owner in self._owners.items():
+            spec = [(tuple(whole[t].shape), whole[t].dtype) if t in whole else None]
+            dist.broadcast_object_list(spec, src=owner, group=self.pp_group, device=_collective_device())
+            if t not in whole:
+                whole[t] = torch.empty(spec[0][0], dtype=spec[0][1], device=_collective_device())
+            dist.broadcast(whole[t], src=owner, group=self.pp_group)
+        return whole
 
 
 def _recomputing() -> bool:

@@ -20,9 +20,9 @@ Every student rank adds up the bytes of the tensors it receives in a step (``tea
 ``tokens x H x dtype bytes`` per shipped layer with the fused loss, ``tokens x V x dtype bytes`` through logits.
 
 Supported here: a teacher mesh with data parallelism (FSDP2), TP, SP and PP (its last stage returns hidden states
-for the fused loss); a student mesh with FSDP2, TP, SP and PP. Refused before any weights load (:func:`check_config`,
-one line): sizes that do not add up to the processes, a mesh without an explicit ``dp_size``, context parallelism,
-and a pipelined teacher with hidden-state KD (its layer outputs are spread over its stages).
+for the fused loss and gathers the recorded layers from the other stages); a student mesh with FSDP2, TP, SP and PP.
+Refused before any weights load (:func:`check_config`, one line): sizes that do not add up to the processes, a mesh
+without an explicit ``dp_size``, context parallelism.
 """
 
 import torch
@@ -62,8 +62,9 @@ def check_config(cfg, world_size: int) -> dict[str, int]:
         for name in SIZES:
             value = cfg.get(f"{section}.{name}", None if name == "dp_size" else 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                shown = "none" if value is None else repr(value)
                 raise SeparateMeshesError(
-                    f"{section}.{name}={'none' if value is None else repr(value)}: with separate_meshes=true each mesh's sizes must be integers >= 1, "
+                    f"{section}.{name}={shown}: with separate_meshes=true each mesh's sizes must be integers >= 1, "
                     f"dp_size included (the rank split must be explicit); set {section}.{name}")
             sizes[name] = value
         if sizes["cp_size"] > 1:
@@ -76,12 +77,6 @@ def check_config(cfg, world_size: int) -> dict[str, int]:
             f"separate_meshes=true: the student mesh (distributed: dp*tp*pp*cp = {student}) and the teacher mesh "
             f"(teacher_distributed: {teacher}) take {student + teacher} processes, not the {world_size} launched: "
             f"launch {student + teacher} (torchrun --nproc_per_node) or change the dp_size values")
-    teacher_pp = cfg.get(f"{TEACHER}.pp_size", 1)
-    if teacher_pp > 1 and (cfg.get("hidden_kd.weight", 0) or 0) > 0:
-        raise SeparateMeshesError(
-            f"teacher_distributed.pp_size={teacher_pp} with hidden_kd: a pipelined teacher's layer outputs are on "
-            "several ranks and only its last stage sends: set teacher_distributed.pp_size=1 (use its tp_size) or "
-            "hidden_kd.weight=0")
     return processes
 
 

@@ -121,8 +121,7 @@ def check_numbers(cfg) -> None:
 
 
 def check_parallel_sizes(cfg, world_size: int) -> None:
-    """Positive integer sizes whose product divides the number of processes; no expert parallelism. With
-    ``separate_meshes``, each mesh's sizes against its share of the processes."""
+    """Positive integer sizes whose product divides the processes (each mesh's share with separate meshes); no EP."""
     meshes = {"distributed": world_size}
     if separate_meshes.enabled(cfg):
         meshes = separate_meshes.check_config(cfg, world_size)
@@ -417,8 +416,9 @@ def check_fits_parallelism(cfg, ckpt: Checkpoint) -> None:
     pp_size, tp_size = _size(cfg, "pp_size", mesh), _size(cfg, "tp_size", mesh)
     architecture = registry.for_model_type(ckpt.config.get("model_type"))
     if architecture is not None:
+        sizes = {name: _size(cfg, name, mesh) for name in ("tp_size", "pp_size", "cp_size")}
         problem = architecture.parallelism_problem(ckpt.section, cfg.get(f"{ckpt.section}.anymodel_descriptor", None),
-                                                   {name: _size(cfg, name, mesh) for name in ("tp_size", "pp_size", "cp_size")})
+                                                   sizes)
         if problem is not None:
             raise PreflightError(problem)
     if pp_size > 1 and ckpt.section == "model" and _ties_word_embeddings(ckpt):
