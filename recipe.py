@@ -139,7 +139,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         student = None
         if bridge.is_student:
             student = {"num_hidden_layers": self.model_parts[0].config.get_text_config().num_hidden_layers}
-        for wave in range(bridge.num_waves):
+        for wave in range(bridge.num_waves):  # the bridge hands a batch to teacher ranks only
             student = bridge.send_batch(wave, student) or student
         if bridge.is_teacher:
             teacher = self.teacher_model
