@@ -64,9 +64,10 @@ def run_cell(name: str, vocab: int, seq: int, args, student: Path, teacher: Path
         per_token = statistics.median(r["teacher_bytes"] / r["num_tokens_per_step"] for r in rows)
         element = 2 if args.dtype == "bfloat16" else 4
         cell["bytes"] = per_token
-        # Logits scale with the vocabulary, hidden states with the width; both to bf16.
-        width = vocab if name == "logits" else GPT_OSS_HIDDEN
-        cell["gpt_oss_bytes"] = per_token / element / (vocab if name == "logits" else HIDDEN) * width * BF16
+        # A token ships vectors of the vocabulary's length (logits) or the width's (hidden states); at GPT-OSS-120B's
+        # shapes the width is 2,880 and the dtype bf16.
+        length, gpt_oss_length = (vocab, vocab) if name == "logits" else (HIDDEN, GPT_OSS_HIDDEN)
+        cell["gpt_oss_bytes"] = per_token / element / length * gpt_oss_length * BF16
     return cell
 
 
