@@ -7,9 +7,12 @@ INSTALLED := $(VENV)/.installed
 DEMO := demo_out
 
 # Install only when requirements.txt is newer than the last install: a second run installs nothing.
+# pip compiles the bytecode on one core; compileall uses them all (2 min 42 s -> 1 min 58 s on 2 cores). The one
+# file it skips is torch's Python 3.12 syntax test, which pip also fails to compile and ignores.
 $(INSTALLED): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
+	$(PY) -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib >/dev/null
 	touch $@
 
 .PHONY: setup demo test clean

@@ -15,7 +15,7 @@ from nemo_automodel.recipes.llm import kd
 from nemo_automodel.recipes.llm.train_ft import TrainFinetuneRecipeForNextTokenPrediction
 
 from common import flops
-from distillation import fused_kd_forward, hidden_kd, separate_meshes, teacher_cache
+from distillation import fused_kd_forward, hidden_kd, label_positions, separate_meshes, teacher_cache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,7 +38,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
     - ``mfu`` in every training record: student forward + backward and teacher forward FLOPs counted
       layer by layer (``common/flops.py``), over the GPU's peak (or ``mfu_peak_tflops``); null where no peak
       is known. The console line shows every logged metric, ``grad_norm`` and ``tps_per_gpu`` included.
-    - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``).
+    - ``kd_loss_fn: loss.KDLoss`` by default: forward KL on vocab-sharded logits (see ``loss.py``). On the logits
+      path both LM heads run only where the batch has labels (``distillation/label_positions.py``).
     - Fused linear KD (``fused_linear_loss: true``, kd.yaml's default; ``false`` or absent: AutoModel's logits
       path): student and teacher stop at their final hidden states and ``FusedLinearKDLoss`` computes CE and KD
       from them and the LM-head weights, chunk by chunk, so no ``[tokens, vocab]`` logits exist; same losses,
@@ -84,6 +85,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         super()._setup_kd_state()
         self._teacher_rows = self._teacher_layer_outputs = None
         self._teacher_bytes = 0
+        self._label_positions_only = label_positions.supported(self.cfg, [self.model_parts[0], self.teacher_model])
         if getattr(self, "separate_meshes", False):
             return
         if hidden_kd.enabled(self.cfg):
@@ -192,6 +194,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self._begin_hidden_kd(batch["labels"], None,
                               self._get_dp_group_size(include_cp=True) / max(num_label_tokens, 1) if is_train else 0.0)
         if not self.fused_linear_loss:
+            if self._label_positions_only:
+                batch = label_positions.keep_label_positions(batch, kd._get_loss_ignore_index(self.loss_fn))
             return super()._forward_backward_step(
                 idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
         teacher_targets = separate_hidden = None

@@ -139,10 +139,11 @@ def test_fused_linear_loss_trains_as_the_logits_path_does(runs, logits_runs, nam
             assert g[key] == pytest.approx(r[key], rel=1e-4), (g["step"], key)
 
 
-# One process, in a fresh interpreter: build the recipe as run.py does, then take one microbatch step as configured
-# and one forced through logits, recording every newly allocated [..., vocab] tensor (views and out= results
+# One process, in a fresh interpreter: build the recipe as run.py does, then take one microbatch step three ways:
+# as configured (fused), through logits at the positions that have labels (the logits path), and through logits at
+# every position (AutoModel's step), recording every newly allocated [..., vocab] tensor (views and out= results
 # share an input's storage and do not count) and the student's gradients.
-FUSED_STEP_PROBE = """
+STEP_PROBE = """
 import json, sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -168,51 +169,73 @@ recipe = Recipe(cfg)
 recipe.setup()
 student = recipe.model_parts[0]
 batch = next(iter(recipe.dataloader))
-num_label_tokens = int((batch["labels"] != -100).sum())
+labelled = batch["labels"] != -100
 out = {"tokens": batch["labels"].numel(), "loss_fn": type(recipe.fused_kd_loss).__name__,
        "chunk_size": recipe.fused_kd_loss.chunk_size,
+       "label_position_rows": labelled.shape[0] * int(labelled.any(dim=0).sum()),
        "tied": student.lm_head.weight is student.model.embed_tokens.weight}
 grads = {}
-for fused in (True, False):  # first as set up from the config, then forced through logits
-    recipe.fused_linear_loss = fused and recipe.fused_linear_loss
+for way, fused, cut in (("fused", True, False), ("logits", False, True), ("all_logits", False, False)):
+    recipe.fused_linear_loss, recipe._label_positions_only = fused, cut
     student.zero_grad(set_to_none=True)
     with VocabWideRows(student.config.vocab_size) as seen:
-        loss, kd_loss, ce_loss = recipe._forward_backward_step(0, batch, num_label_tokens=num_label_tokens,
+        loss, kd_loss, ce_loss = recipe._forward_backward_step(0, batch, num_label_tokens=int(labelled.sum()),
                                                                num_batches=1)
-    out[str(fused)] = {"rows": seen.rows, "loss": loss.item(), "ce_loss": ce_loss.item(), "kd_loss": kd_loss.item()}
-    grads[fused] = {name: p.grad.clone() for name, p in student.named_parameters()}
-out["grad_rel_diff"] = max(((grads[True][n] - g).abs().max() / g.abs().max()).item() for n, g in grads[False].items())
-out["embedding_grad_norm"] = grads[True]["model.embed_tokens.weight"].norm().item()
+    out[way] = {"rows": seen.rows, "loss": loss.item(), "ce_loss": ce_loss.item(), "kd_loss": kd_loss.item()}
+    grads[way] = {name: p.grad.clone() for name, p in student.named_parameters()}
+for way in ("fused", "logits"):
+    out[way]["grad_rel_diff"] = max(((grads[way][n] - g).abs().max() / g.abs().max()).item()
+                                    for n, g in grads["all_logits"].items())
+out["embedding_grad_norm"] = grads["fused"]["model.embed_tokens.weight"].norm().item()
 print("PROBE " + json.dumps(out))
 """
 
 
-def test_fused_step_makes_no_logits_and_gives_their_gradients_to_a_tied_head(ckpts, tmp_path):
+@pytest.fixture(scope="module")
+def step_probe(ckpts, tmp_path_factory):
+    """STEP_PROBE on a student whose LM head is its embedding (what AutoModel would refuse to flip at load time),
+    with the fused loss in chunks of ``chunk_size`` rows."""
+    tmp_path = tmp_path_factory.mktemp("step_probe")
     teacher = ckpts["llama"]["teacher"]
-    # A student whose LM head is its embedding (what AutoModel would refuse to flip at load time).
     config = AutoConfig.from_pretrained(teacher)
     config.tie_word_embeddings = True
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
     AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp_path / "tied")
-    chunk = 8
     args = [*tiny_overrides(ckpts, "llama", tmp_path / "out"),
             f"model.pretrained_model_name_or_path={tmp_path / 'tied'}", "model.anymodel_descriptor=null",
             "step_scheduler.local_batch_size=4", "checkpoint.enabled=false", "fused_linear_loss=true",
-            f"kd_loss_fn.chunk_size={chunk}"]
+            f"kd_loss_fn.chunk_size={PROBE_CHUNK}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    result = subprocess.run([sys.executable, "-c", FUSED_STEP_PROBE, "--mode", "kd", *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-c", STEP_PROBE, "--mode", "kd", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    probe = json.loads(result.stdout.split("PROBE ", 1)[1])
-    assert probe["tied"] and probe["loss_fn"] == "FusedLinearKDLoss" and probe["chunk_size"] == chunk
+    return json.loads(result.stdout.split("PROBE ", 1)[1])
+
+
+PROBE_CHUNK = 8
+
+
+def test_fused_step_makes_no_logits_and_gives_their_gradients_to_a_tied_head(step_probe):
+    probe = step_probe
+    assert probe["tied"] and probe["loss_fn"] == "FusedLinearKDLoss" and probe["chunk_size"] == PROBE_CHUNK
     # Fused: at most a chunk of rows per [., vocab] buffer (the models' own [B, 1, vocab] last-position logits are
-    # fewer). Through logits: a whole [B, S, vocab] tensor, which this probe must see.
-    assert probe["True"]["rows"] <= chunk < probe["tokens"] <= probe["False"]["rows"]
+    # fewer). Through all logits: a whole [B, S, vocab] tensor, which this probe must see.
+    assert probe["fused"]["rows"] <= PROBE_CHUNK < probe["tokens"] <= probe["all_logits"]["rows"]
     for key in ("loss", "ce_loss", "kd_loss"):
-        assert probe["True"][key] == pytest.approx(probe["False"][key], rel=1e-5), key
+        assert probe["fused"][key] == pytest.approx(probe["all_logits"][key], rel=1e-5), key
     # Every student gradient, the tied embedding's (its CE/KD part reaches it through the LM head) included.
-    assert probe["grad_rel_diff"] < 1e-5 and probe["embedding_grad_norm"] > 0
+    assert probe["fused"]["grad_rel_diff"] < 1e-5 and probe["embedding_grad_norm"] > 0
+
+
+def test_logits_path_makes_logits_only_where_labels_are_with_the_same_losses_and_gradients(step_probe):
+    probe = step_probe
+    # The SQuAD-style rows mask their prompts: fewer positions than tokens carry a label.
+    assert probe["label_position_rows"] < probe["tokens"]
+    assert probe["logits"]["rows"] == probe["label_position_rows"]
+    for key in ("loss", "ce_loss", "kd_loss"):
+        assert probe["logits"][key] == pytest.approx(probe["all_logits"][key], rel=1e-6), key
+    assert probe["logits"]["grad_rel_diff"] < 1e-6
 
 
 def test_mfu_is_kd_step_flops_over_time_and_peak_and_null_without_a_peak(runs, ckpts):
