@@ -85,7 +85,8 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         super()._setup_kd_state()
         self._teacher_rows = self._teacher_layer_outputs = None
         self._teacher_bytes = 0
-        self._label_positions_only = label_positions.supported(self.cfg, [self.model_parts[0], self.teacher_model])
+        self._label_positions_only = label_positions.supported(self.cfg, [self.model_parts[0], self.teacher_model],
+                                                               self.loss_fn)
         if getattr(self, "separate_meshes", False):
             return
         if hidden_kd.enabled(self.cfg):

@@ -30,8 +30,9 @@ import fused_kd_step  # noqa: E402
 import recipe_step  # noqa: E402
 
 REPO = recipe_step.REPO
-# name: (recipe_step worker, our overrides)
-RECIPES = {"ours, logits path": ("ours", ["fused_linear_loss=false"]), "AutoModel KD": ("automodel", []),
+# name: (recipe_step worker, overrides); AutoModel's recipe has no fused path, and our preflight checks its config too.
+RECIPES = {"ours, logits path": ("ours", ["fused_linear_loss=false"]),
+           "AutoModel KD": ("automodel", ["fused_linear_loss=false"]),
            "ours, fused": ("ours", ["fused_linear_loss=true"])}
 FP32 = ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
         "distributed.mp_policy.param_dtype=float32", "distributed.mp_policy.reduce_dtype=float32"]

@@ -10,11 +10,16 @@ tokens; the decoder layers still see the whole sequence.
 
 import inspect
 
+from nemo_automodel.components.loss.linear_ce_base import LinearCrossEntropy
 
-def supported(cfg, models) -> bool:
+
+def supported(cfg, models, loss_fn) -> bool:
     """Whether the logits path (``fused_linear_loss`` off) can cut positions here: every model's ``forward`` names
-    ``logits_to_keep`` (others would ignore it, or fail on it), and each rank holds whole sequences (no sequence,
-    context or pipeline parallelism, no teacher on other ranks sending logits of every position)."""
+    ``logits_to_keep`` (others would ignore it, or fail on it), CE reads the logits (``LinearCrossEntropy`` reads
+    every position's hidden states), and each rank holds whole sequences (no sequence, context or pipeline
+    parallelism, no teacher on other ranks sending logits of every position)."""
+    if isinstance(loss_fn, LinearCrossEntropy):
+        return False
     if any(cfg.get(key, False) for key in ("fused_linear_loss", "separate_meshes", "distributed.sequence_parallel")):
         return False
     if any((cfg.get(f"distributed.{size}", 1) or 1) > 1 for size in ("pp_size", "cp_size")):
