@@ -85,10 +85,10 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         super()._setup_kd_state()
         self._teacher_rows = self._teacher_layer_outputs = None
         self._teacher_bytes = 0
-        self._label_positions_only = label_positions.supported(self.cfg, [self.model_parts[0], self.teacher_model],
-                                                               self.loss_fn)
         if getattr(self, "separate_meshes", False):
             return
+        self._label_positions_only = label_positions.supported(self.cfg, [self.model_parts[0], self.teacher_model],
+                                                               self.loss_fn)
         if hidden_kd.enabled(self.cfg):
             teacher_parts = self.teacher_model.parts if self.pp_enabled else [self.teacher_model]
             config = teacher_parts[0].config.get_text_config()
@@ -195,7 +195,7 @@ class KnowledgeDistillationRecipeForNextTokenPrediction(kd.KnowledgeDistillation
         self._begin_hidden_kd(batch["labels"], None,
                               self._get_dp_group_size(include_cp=True) / max(num_label_tokens, 1) if is_train else 0.0)
         if not self.fused_linear_loss:
-            if self._label_positions_only:
+            if getattr(self, "_label_positions_only", False):  # not set with separate meshes
                 batch = label_positions.keep_label_positions(batch, kd._get_loss_ignore_index(self.loss_fn))
             return super()._forward_backward_step(
                 idx, batch, num_label_tokens=num_label_tokens, num_batches=num_batches, is_train=is_train)
