@@ -34,8 +34,6 @@ REPO = recipe_step.REPO
 RECIPES = {"ours, logits path": ("ours", ["fused_linear_loss=false"]),
            "AutoModel KD": ("automodel", ["fused_linear_loss=false"]),
            "ours, fused": ("ours", ["fused_linear_loss=true"])}
-FP32 = ["distributed.mp_policy._target_=torch.distributed.fsdp.MixedPrecisionPolicy",
-        "distributed.mp_policy.param_dtype=float32", "distributed.mp_policy.reduce_dtype=float32"]
 
 
 def models(root: Path, vocab: int) -> tuple[Path, Path, str]:
@@ -80,7 +78,8 @@ def main():
                         student=student, teacher=teacher, descriptor=descriptor, steps=args.steps, global_batch=4,
                         warmup=args.warmup, port=args.port,
                         data_overrides=[f"dataset.dataset_name={data}", f"validation_dataset.dataset_name={data}",
-                                        *(FP32 if args.compute == "fp32" else []), *overrides])
+                                        *(fused_kd_step.compute_overrides("float32") if args.compute == "fp32" else []),
+                                        *overrides])
                     result = recipe_step.run_case(worker, "FSDP2 (dp=2)", case, tmp / f"{vocab}-{round_}-{worker}")
                     if "error" in result:
                         sys.exit(f"vs_automodel_kd.py: {name} at vocab {vocab} failed: {result['error']}")

@@ -191,6 +191,9 @@ print("PROBE " + json.dumps(out))
 """
 
 
+PROBE_CHUNK = 8
+
+
 @pytest.fixture(scope="module")
 def step_probe(ckpts, tmp_path_factory):
     """STEP_PROBE on a student whose LM head is its embedding (what AutoModel would refuse to flip at load time),
@@ -211,9 +214,6 @@ def step_probe(ckpts, tmp_path_factory):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.split("PROBE ", 1)[1])
-
-
-PROBE_CHUNK = 8
 
 
 def test_fused_step_makes_no_logits_and_gives_their_gradients_to_a_tied_head(step_probe):
