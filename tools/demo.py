@@ -13,11 +13,11 @@ to rerun it and everything after it):
 2. ``teacher``: a randomly initialised small Llama, pretrained with
    ``torchrun --nproc_per_node=2 -m run --mode pretrain``.
 3. ``student_init``: ``tools.prune_student`` with :data:`STUDENT_BLOCKS`.
-4. ``student_ce``, ``student_kd`` and ``student_kd_hidden``: ``--mode kd`` from the same student, data and
+4. ``cache_sampled`` and ``cache_topk``: ``--mode teacher_cache`` over the same data (:data:`CACHES`), and
+   ``student_kd_cache_sampled`` / ``student_kd_cache_topk``: KD at :data:`KD_RATIO` from each cache, no teacher loaded.
+5. ``student_ce``, ``student_kd`` and ``student_kd_hidden``: ``--mode kd`` from the same student, data and
    steps (:data:`STUDENT_RUNS`): ``kd_ratio=0`` (cross-entropy only), :data:`KD_RATIO`, and :data:`KD_RATIO` plus
    hidden-state KD (:data:`HIDDEN_KD`), on the first ``STUDENT_RUN["train_rows"]`` train rows.
-5. ``cache_sampled`` and ``cache_topk``: ``--mode teacher_cache`` over the same data (:data:`CACHES`), and
-   ``student_kd_cache_sampled`` / ``student_kd_cache_topk``: ``student_kd`` again, from each cache, no teacher loaded.
 6. ``candidate_b_init`` (:data:`CANDIDATE_B_BLOCKS`) and ``tournament``: ``torchrun -m tools.tournament`` ranks it
    and the first student after :data:`TOURNAMENT_STEPS` KD steps each from the sampled cache.
 7. ``results.json``, the tables on stdout and ``loss_curves.png``: validation CE of every model, what each cache
@@ -351,17 +351,8 @@ def main(argv: list[str] | None = None) -> None:
               "model.torch_dtype=float32", f"teacher_model.pretrained_model_name_or_path={teacher_ckpt}",
               "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
               *dataset_overrides(data_dir, STUDENT_RUN["train_rows"])]
-    runs = {}
-    for name, (_, kd_ratio, hidden) in STUDENT_RUNS.items():
-        stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint,
-                      **({"hidden_kd": hidden} if hidden else {}))
-        if not stage.fresh():
-            hidden_overrides = [f"hidden_kd.{k}={v}" for k, v in (hidden or {}).items()]
-            ckpt = torchrun("kd", [*common, f"kd_ratio={kd_ratio}", *hidden_overrides,
-                                   *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
-            stage.done(checkpoint=str(ckpt))
-        runs[name] = stage
-
+    # The cached runs go just before CE only, the step they are timed against: this machine's speed drifts by a
+    # third over minutes.
     caches, cached_runs = {}, {}
     for kind, k in CACHES.items():
         cache = Stage(out, f"cache_{kind}", k=k, t=TEMPERATURE, teacher=teacher.fingerprint, data=data.fingerprint,
@@ -381,6 +372,17 @@ def main(argv: list[str] | None = None) -> None:
                                    *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
             stage.done(checkpoint=str(ckpt))
         cached_runs[kind] = stage
+
+    runs = {}
+    for name, (_, kd_ratio, hidden) in STUDENT_RUNS.items():
+        stage = Stage(out, name, run=STUDENT_RUN, kd_ratio=kd_ratio, t=TEMPERATURE, student=student.fingerprint,
+                      **({"hidden_kd": hidden} if hidden else {}))
+        if not stage.fresh():
+            hidden_overrides = [f"hidden_kd.{k}={v}" for k, v in (hidden or {}).items()]
+            ckpt = torchrun("kd", [*common, f"kd_ratio={kd_ratio}", *hidden_overrides,
+                                   *schedule_overrides(STUDENT_RUN, stage.dir)], stage.dir)
+            stage.done(checkpoint=str(ckpt))
+        runs[name] = stage
 
     candidate_b = Stage(out, "candidate_b_init", blocks=CANDIDATE_B_BLOCKS, teacher=teacher.fingerprint)
     if not candidate_b.fresh():
