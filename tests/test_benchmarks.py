@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh works before any GPU runs it: its Python, at tiny sizes on CPU (``--dry-run``),
-produces every table row with numbers."""
+produces every table row with numbers; the demo's step timing spreads the machine's drift over its three paths."""
 
 import os
 import subprocess
@@ -29,3 +29,14 @@ def test_gpu_check_dry_run_measures_every_path_of_the_kd_step_the_loss_and_the_l
         assert float(head[path][0]) > 0 and float(head[path][1]) > 0, head[path]
     assert head["fused"][2].strip().endswith("x")  # its time against the four bare products
     assert head["liger"][0].strip().startswith("not run")  # no CUDA GPU here
+
+
+def test_the_demo_rounds_run_each_path_first_middle_and_last_once_in_three_rounds(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from cached_kd_step import DEMO_PATHS, rotations
+
+    orders = rotations(DEMO_PATHS, 3)
+    assert orders == [("ce_only", "cached", "online"), ("cached", "online", "ce_only"),
+                      ("online", "ce_only", "cached")]
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == sorted(DEMO_PATHS)

@@ -112,6 +112,14 @@ def dataset_overrides(data_dir: Path, train_rows: int | None = None) -> list[str
     return [f"dataset={node('train', train_rows)}", f"validation_dataset={node('validation')}"]
 
 
+def kd_overrides(student: Path, teacher: Path, data_dir: Path) -> list[str]:
+    """What every student run and cache build shares: the models in fp32, the KD temperature, the student's rows."""
+    return [f"model.pretrained_model_name_or_path={student}", "model.anymodel_descriptor=llama",
+            "model.torch_dtype=float32", f"teacher_model.pretrained_model_name_or_path={teacher}",
+            "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
+            *dataset_overrides(data_dir, STUDENT_RUN["train_rows"])]
+
+
 def schedule_overrides(run: dict, out_dir: Path) -> list[str]:
     """Steps, batch, AdamW with warmup and cosine decay, one final consolidated checkpoint in ``out_dir``."""
     return [
@@ -347,10 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         prune(teacher_ckpt, STUDENT_BLOCKS, student.dir)
         student.done(checkpoint=str(student.dir))
 
-    common = [f"model.pretrained_model_name_or_path={student.dir}", "model.anymodel_descriptor=llama",
-              "model.torch_dtype=float32", f"teacher_model.pretrained_model_name_or_path={teacher_ckpt}",
-              "teacher_model.torch_dtype=float32", f"kd_loss_fn.temperature={TEMPERATURE}",
-              *dataset_overrides(data_dir, STUDENT_RUN["train_rows"])]
+    common = kd_overrides(student.dir, teacher_ckpt, data_dir)
     # The cached runs go just before CE only, the step they are timed against: this machine's speed drifts by a
     # third over minutes.
     caches, cached_runs = {}, {}
