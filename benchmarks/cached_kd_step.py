@@ -156,8 +156,8 @@ def demo_rounds(args) -> list[str]:
                 error, rows = run_logged(cmd, run_dir)
                 if rows is None:
                     sys.exit(f"cached_kd_step.py: error: the {name} run failed: {error}")
-                steps[name].append(statistics.median(r["num_tokens_per_step"] / r["tps"] for r in rows[1:]))
-                peaks[name].append(max(r["mem"] for r in rows) * 1024**3 / 1e9)
+                steps[name].append(statistics.median(row["num_tokens_per_step"] / row["tps"] for row in rows[1:]))
+                peaks[name].append(max(row["mem"] for row in rows) * 1024**3 / 1e9)
             ce, cached, online = (steps[name][-1] for name in DEMO_PATHS)
             lines.append(f"| {r + 1} | {', '.join(order)} | {ce:.3f} | {cached:.3f} | {online:.3f} | "
                          f"{cached / ce:.2f}x | {online / ce:.2f}x |")

@@ -69,7 +69,7 @@ STUDENT_RUN = dict(steps=80, lr=2e-3, warmup=10, global_batch=32, local_batch=16
                    compute="fp32 on CPU")
 # kd.yaml's (and AutoModel's) default. Against 0.9, on 2026-12-08's machine: online KD recovered 97.8 % of the gap
 # instead of 96.3 %, and the sampled cache came within 0.14-0.38 points of it (3 cache seeds) instead of 0.87-1.34:
-# the exact CE half of the loss keeps the student from learning the sample's error over the demo's 10 epochs.
+# with half the loss exact CE, the sample's error, which the demo's 10 epochs read again and again, weighs half as much.
 KD_RATIO = 0.5
 TEMPERATURE = 1.0
 # Puzzle's global KD: every student layer also learns its teacher layer's output.
