@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_kd_step import (REPO, _has_cuda, build_pair, compute_overrides, run_cell, run_logged,  # noqa: E402
                            write_config)
+from recipe_step import demo_models  # noqa: E402
 
 K = 12
 
@@ -131,11 +132,11 @@ def demo_rounds(args) -> list[str]:
     from tools import demo
 
     out = args.demo.resolve()
+    student, teacher, _ = demo_models(out)
     cache = out / "cache_sampled"
     if not (cache / "cache" / "manifest.json").is_file():
         sys.exit(f"cached_kd_step.py: error: {out} holds no demo cache (cache_sampled); run `make demo` first")
-    common = [*demo.kd_overrides(out / "student_init", demo.final_checkpoint(out / "teacher"), out / "data"),
-              *demo.compute_overrides(), "checkpoint.enabled=false"]
+    common = [*demo.kd_overrides(student, teacher, out / "data"), *demo.compute_overrides(), "checkpoint.enabled=false"]
     extra = {"ce_only": ["kd_ratio=0"], "cached": [f"kd_ratio={demo.KD_RATIO}", *demo.cache_overrides("sampled", cache)],
              "online": [f"kd_ratio={demo.KD_RATIO}"]}
     run = dict(demo.STUDENT_RUN, steps=args.steps, val_every=args.steps + 1)
@@ -164,12 +165,11 @@ def demo_rounds(args) -> list[str]:
             print(lines[-1], flush=True)
     cached_ratio, online_ratio = (statistics.median(a / b for a, b in zip(steps[name], steps["ce_only"]))
                                   for name in ("cached", "online"))
-    lines += [f"| median | | {statistics.median(steps['ce_only']):.3f} | {statistics.median(steps['cached']):.3f} | "
-              f"{statistics.median(steps['online']):.3f} | **{cached_ratio:.2f}x** | {online_ratio:.2f}x |", "",
-              "| path | peak (GB) |", "|---|---|",
-              *(f"| {name} | {max(peaks[name]):.2f} |" for name in DEMO_PATHS)]
-    print("\n".join(lines[-(len(DEMO_PATHS) + 4):]), flush=True)
-    return lines
+    summary = [f"| median | | {statistics.median(steps['ce_only']):.3f} | {statistics.median(steps['cached']):.3f} | "
+               f"{statistics.median(steps['online']):.3f} | **{cached_ratio:.2f}x** | {online_ratio:.2f}x |", "",
+               "| path | peak (GB) |", "|---|---|", *(f"| {name} | {max(peaks[name]):.2f} |" for name in DEMO_PATHS)]
+    print("\n".join(summary), flush=True)
+    return lines + summary
 
 
 def rotations(names: tuple, rounds: int) -> list[tuple]:

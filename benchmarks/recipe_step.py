@@ -122,11 +122,11 @@ def demo_models(demo_dir: Path) -> tuple[Path, Path, list[str]]:
     from tools.demo import dataset_overrides, final_checkpoint
 
     if not (demo_dir / "student_init" / "config.json").exists():
-        sys.exit(f"recipe_step.py: error: {demo_dir} holds no demo student; run `make demo` first")
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {demo_dir} holds no demo student; run `make demo` first")
     try:
         teacher = final_checkpoint(demo_dir / "teacher")
     except FileNotFoundError as e:
-        sys.exit(f"recipe_step.py: error: {e}; run `make demo` first")
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}; run `make demo` first")
     return demo_dir / "student_init", teacher, dataset_overrides(demo_dir / "data")
 
 
